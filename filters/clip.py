@@ -1,0 +1,143 @@
+"""The CLIP embedder: one open_clip image forward per sample feeds every head.
+
+The model is named like open_clip names it (``ViT-L-14-quickgelu``), or given as a path to an
+open_clip JSON model config (offline and tiny models); the weights are a pretrained tag
+(``openai``), or a local or fsspec checkpoint path. Preprocessing is open_clip's own ``preprocess``
+for the model, split in two exact halves: the PIL part (resize, crop, RGB) runs where images are
+decoded and yields uint8 pixels, the tensor part (to float, normalise) runs batched next to the
+model. Both halves together compute exactly what ``preprocess(image)`` computes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from filters.weights import WeightsError, is_local, local_copy
+
+DEFAULT_MODEL = "ViT-L-14-quickgelu"
+DEFAULT_PRETRAINED = "openai"
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    """What to load: an open_clip model name or JSON config path, and weights tag or path."""
+
+    model: str = DEFAULT_MODEL
+    pretrained: str | None = DEFAULT_PRETRAINED
+
+    def resolve_name(self) -> str:
+        """Register a JSON config path with open_clip and return the model name to create."""
+        import open_clip
+
+        if self.model.endswith(".json"):
+            path = local_copy(self.model)
+            open_clip.add_model_config(path)
+            return os.path.splitext(os.path.basename(path))[0]
+        if self.model not in open_clip.list_models() and ":" not in self.model:
+            raise WeightsError(
+                f"unknown open_clip model {self.model!r}: give a name from open_clip.list_models() "
+                "or a path to an open_clip JSON model config"
+            )
+        return self.model
+
+    def resolve_pretrained(self) -> str | None:
+        """A pretrained tag stays a tag; a path (local or fsspec) becomes a local file."""
+        p = self.pretrained
+        if not p:
+            return None
+        if "://" in p or os.sep in p or p.endswith((".pt", ".pth", ".bin", ".safetensors")):
+            return local_copy(p) if not is_local(p) or os.path.exists(p) else _missing(p)
+        return p
+
+
+def _missing(p: str):
+    raise WeightsError(f"{p}: CLIP checkpoint not found")
+
+
+def split_preprocess(preprocess) -> tuple[list, list]:
+    """Split open_clip's Compose at its ToTensor step: (PIL transforms, tensor transforms)."""
+    from torchvision.transforms import ToTensor
+
+    steps = list(preprocess.transforms)
+    for i, t in enumerate(steps):
+        if isinstance(t, ToTensor):
+            return steps[:i], steps[i + 1:]
+    raise ValueError(f"open_clip preprocess has no ToTensor step: {preprocess}")
+
+
+class PixelTransform:
+    """The PIL half of the preprocess: PIL image in, uint8 HWC RGB array of the model's size out."""
+
+    def __init__(self, pil_steps: list):
+        self.steps = pil_steps
+
+    def __call__(self, img: Image.Image) -> np.ndarray:
+        for t in self.steps:
+            img = t(img)
+        arr = np.asarray(img, dtype=np.uint8)
+        if arr.ndim != 3 or arr.shape[2] != 3:
+            raise ValueError(f"preprocess gave an array of shape {arr.shape}, expected HxWx3")
+        return arr
+
+
+class ClipEmbedder:
+    """Loads one open_clip model and embeds images and captions, L2-normalised, in batches."""
+
+    def __init__(self, spec: ClipSpec, device: str = "cpu"):
+        import open_clip
+
+        self.spec = spec
+        self.device = torch.device(device)
+        name = spec.resolve_name()
+        pretrained = spec.resolve_pretrained()
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                name, pretrained=pretrained, device=self.device, weights_only=True
+            )
+        except RuntimeError as e:
+            raise WeightsError(f"cannot load CLIP {spec.model!r} with pretrained={spec.pretrained!r}: {e}") from e
+        self.model = model.eval()
+        self.preprocess = preprocess
+        self.tokenizer = open_clip.get_tokenizer(name)
+        pil_steps, tensor_steps = split_preprocess(preprocess)
+        self.pixel_transform = PixelTransform(pil_steps)
+        self.tensor_steps = tensor_steps
+        self.embed_dim = getattr(self.model.visual, "output_dim", None)
+        if self.embed_dim is None:
+            with torch.inference_mode():
+                probe = torch.zeros(1, 3, *self.image_size, device=self.device)
+                self.embed_dim = int(self.model.encode_image(probe).shape[-1])
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        s = self.model.visual.image_size
+        return (s, s) if isinstance(s, int) else tuple(s)
+
+    def pixels_to_tensor(self, pixels: np.ndarray) -> torch.Tensor:
+        """uint8 (N, H, W, 3) -> normalised float (N, 3, H, W), exactly as ToTensor+Normalize."""
+        x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2).contiguous()
+        x = x.to(dtype=torch.get_default_dtype()).div(255)
+        for t in self.tensor_steps:
+            x = t(x)
+        return x
+
+    @torch.inference_mode()
+    def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        x = self.pixels_to_tensor(pixels).to(self.device)
+        feats = self.model.encode_image(x)
+        return torch.nn.functional.normalize(feats.float(), dim=-1).cpu().numpy()
+
+    @torch.inference_mode()
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        tokens = self.tokenizer(texts).to(self.device)
+        feats = self.model.encode_text(tokens)
+        return torch.nn.functional.normalize(feats.float(), dim=-1).cpu().numpy()
+
+    def embed_pil(self, images: list[Image.Image]) -> np.ndarray:
+        """Reference path: open_clip's preprocess on PIL images, then the image tower."""
+        return self.embed_pixels(np.stack([self.pixel_transform(im) for im in images]))

@@ -1,0 +1,187 @@
+"""Declarative filter rules, evaluated column-wise on a table of scores.
+
+A rule is a short text, the same in a YAML config, on the command line and in the ``reason``
+column of a dropped row:
+
+    aesthetic >= 5          pwatermark < 0.8        punsafe < 0.5        similarity >= 0.28
+    min_side >= 512         aspect_ratio <= 3       caption_length >= 5  has url
+
+``FIELD OP NUMBER`` with OP one of ``>= > <= < == !=``, or ``has FIELD`` (present and non-empty).
+FIELD is a column of the table (the scores ``aesthetic pwatermark punsafe similarity``, the
+original size ``original_width original_height``) or a derived quantity: ``min_side``,
+``max_side``, ``aspect_ratio`` (long side / short side, >= 1) and ``caption_length`` (characters).
+
+A row is kept when it passes every rule. A dropped row's ``reason`` is the first rule it fails,
+in the order given. A row whose value for a rule's field is missing (null/NaN) or outside the
+field's valid range is an error row, never silently kept or dropped.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+OPS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt,
+       "==": operator.eq, "!=": operator.ne}
+
+# Valid value ranges of known fields; a value outside is bad data (an error row), and a rule
+# threshold outside is a config error raised before any work starts.
+FIELD_RANGES: dict[str, tuple[float, float]] = {
+    "pwatermark": (0.0, 1.0),
+    "punsafe": (0.0, 1.0),
+    "similarity": (-1.0, 1.0),
+    "aesthetic": (-math.inf, math.inf),
+    "original_width": (0.0, math.inf),
+    "original_height": (0.0, math.inf),
+    "min_side": (0.0, math.inf),
+    "max_side": (0.0, math.inf),
+    "aspect_ratio": (1.0, math.inf),
+    "caption_length": (0.0, math.inf),
+}
+DERIVED = {"min_side", "max_side", "aspect_ratio", "caption_length"}
+SCORE_FIELDS = ("aesthetic", "pwatermark", "punsafe", "similarity")
+
+_CMP = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(>=|<=|==|!=|>|<)\s*([-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?)\s*$")
+_HAS = re.compile(r"^\s*has\s+([A-Za-z_][A-Za-z0-9_]*)\s*$")
+
+
+class RuleError(ValueError):
+    """A rule that cannot be parsed or cannot apply; raised before any work is scheduled."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    field: str
+    op: str  # one of OPS, or "has"
+    value: float | None = None
+
+    @property
+    def name(self) -> str:
+        if self.op == "has":
+            return f"has {self.field}"
+        v = self.value
+        text = str(int(v)) if v is not None and float(v).is_integer() else repr(v)
+        return f"{self.field}{self.op}{text}"
+
+    @classmethod
+    def parse(cls, text: str) -> "Rule":
+        if not isinstance(text, str):
+            raise RuleError(f"rule {text!r}: expected a text such as 'aesthetic >= 5'")
+        m = _HAS.match(text)
+        if m:
+            return cls(m.group(1), "has")
+        m = _CMP.match(text)
+        if not m:
+            raise RuleError(
+                f"rule {text!r}: expected 'FIELD OP NUMBER' (OP one of >= > <= < == !=) or "
+                "'has FIELD', e.g. 'aesthetic >= 5'"
+            )
+        field, op, value = m.group(1), m.group(2), float(m.group(3))
+        rng = FIELD_RANGES.get(field)
+        if rng and not (rng[0] <= value <= rng[1]):
+            raise RuleError(f"rule {text!r}: threshold {value:g} is outside the range of {field} "
+                            f"[{rng[0]:g}, {rng[1]:g}]")
+        return cls(field, op, value)
+
+    def needs(self) -> set[str]:
+        """Source columns this rule reads."""
+        if self.field in ("min_side", "max_side", "aspect_ratio"):
+            return {"original_width", "original_height"}
+        if self.field == "caption_length":
+            return {"caption"}
+        return {self.field}
+
+
+def field_values(table: pa.Table, field: str) -> np.ndarray:
+    """A float array (NaN = missing) for a numeric or derived field of ``table``."""
+    if field in ("min_side", "max_side", "aspect_ratio"):
+        w = field_values(table, "original_width")
+        h = field_values(table, "original_height")
+        with np.errstate(divide="ignore", invalid="ignore"):
+            if field == "min_side":
+                return np.minimum(w, h)
+            if field == "max_side":
+                return np.maximum(w, h)
+            lo, hi = np.minimum(w, h), np.maximum(w, h)
+            return np.where(lo > 0, hi / np.where(lo > 0, lo, 1), np.nan)
+    if field == "caption_length":
+        col = table.column("caption")
+        return pc.fill_null(pc.utf8_length(col), 0).to_numpy(zero_copy_only=False).astype(np.float64)
+    col = table.column(field)
+    if not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type) or pa.types.is_null(col.type)):
+        raise RuleError(f"column {field!r} has type {col.type}, a rule needs numbers")
+    return pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False)
+
+
+@dataclass
+class Decision:
+    """Per-row outcome arrays (numpy object arrays): status kept|dropped|error, reason, error."""
+
+    status: np.ndarray
+    reason: np.ndarray
+    error: np.ndarray
+
+
+class RuleSet:
+    def __init__(self, rules: list[Rule]):
+        self.rules = rules
+
+    @classmethod
+    def parse(cls, texts: list[str]) -> "RuleSet":
+        return cls([Rule.parse(t) for t in texts])
+
+    @property
+    def names(self) -> list[str]:
+        return [r.name for r in self.rules]
+
+    def needs(self) -> set[str]:
+        out: set[str] = set()
+        for r in self.rules:
+            out |= r.needs()
+        return out
+
+    def apply(self, table: pa.Table, status=None, reason=None, error=None) -> Decision:
+        """Decide every row. Rows already marked ``error`` (decode failures...) stay errors."""
+        n = table.num_rows
+        status = np.array(status if status is not None else ["kept"] * n, dtype=object)
+        reason = np.array(reason if reason is not None else [None] * n, dtype=object)
+        error = np.array(error if error is not None else [None] * n, dtype=object)
+        open_rows = status != "error"
+        for rule in self.rules:
+            if not open_rows.any():
+                break
+            if rule.op == "has":
+                col = table.column(rule.field) if rule.field in table.column_names else None
+                if col is None:
+                    ok = np.zeros(n, dtype=bool)
+                elif pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+                    ok = pc.fill_null(pc.greater(pc.utf8_length(col), 0), False).to_numpy(zero_copy_only=False)
+                else:
+                    ok = pc.is_valid(col).to_numpy(zero_copy_only=False)
+                drop = open_rows & ~ok
+                status[drop], reason[drop] = "dropped", rule.name
+                open_rows &= ok
+                continue
+            vals = field_values(table, rule.field)
+            missing = np.isnan(vals)
+            lo, hi = FIELD_RANGES.get(rule.field, (-math.inf, math.inf))
+            with np.errstate(invalid="ignore"):
+                bad = ~missing & ((vals < lo) | (vals > hi))
+                ok = OPS[rule.op](vals, rule.value) & ~missing & ~bad
+            miss = open_rows & missing
+            if miss.any():
+                status[miss], reason[miss] = "error", "missing_value"
+                error[miss] = f"{rule.field} is missing (null or NaN); rule '{rule.name}' needs it"
+            for i in np.flatnonzero(open_rows & bad):
+                status[i], reason[i] = "error", "bad_value"
+                error[i] = f"{rule.field}={vals[i]:g} is outside its valid range [{lo:g}, {hi:g}]"
+            drop = open_rows & ~missing & ~bad & ~ok
+            status[drop], reason[drop] = "dropped", rule.name
+            open_rows &= ok
+        return Decision(status, reason, error)

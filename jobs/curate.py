@@ -1,0 +1,112 @@
+"""``shardsmith curate INPUT OUTPUT``: score and filter a LAION-style dataset on Ray.
+
+INPUT is an fsspec URL (local path, file://, s3://, gs://, http(s)://, memory://): a folder of
+img2dataset webdataset shards (NNNNN.tar + optional NNNNN.parquet), a glob or brace pattern of
+them, or LAION metadata parquet files (metadata-only mode: the rules apply to the score columns
+already there, no image is read). OUTPUT receives, per input shard, scores/NNNNN.parquet (every
+row: status kept|dropped|error, reason, error, scores) and curated/NNNNN.tar + .parquet (the kept
+samples, bytes untouched), plus stats.json and manifest.json. A rerun resumes: committed shards
+are skipped; --overwrite redoes them.
+
+    python -m jobs.curate INPUT OUTPUT [options]      (the same as `shardsmith curate`)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from filters.presets import PRESETS
+from pipelines.config import ConfigError, CurateConfig, config_from_dict, load_config_file
+
+# CLI flag -> config key, for the flags that map one to one.
+FLAG_KEYS = {
+    "mode": "mode", "clip_model": "clip_model", "clip_pretrained": "clip_pretrained",
+    "aesthetic_head": "aesthetic_head", "watermark_head": "watermark_head", "nsfw_head": "nsfw_head",
+    "preset": "preset", "batch_size": "batch_size", "device": "device", "num_actors": "num_actors",
+    "actor_cpus": "actor_cpus", "address": "address", "max_image_pixels": "max_image_pixels",
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", help="input shards or metadata parquet (fsspec URL, glob, {a,b} patterns)")
+    p.add_argument("output", help="output folder (fsspec URL)")
+    p.add_argument("--config", metavar="FILE", help="YAML config; flags given here override its keys")
+    p.add_argument("--mode", choices=["auto", "images", "metadata"], help="default auto: .tar -> images, .parquet -> metadata")
+    p.add_argument("--clip-model", help="open_clip model name, or a path to an open_clip JSON config "
+                                        "(default ViT-L-14-quickgelu, which the LAION heads need)")
+    p.add_argument("--clip-pretrained", help="pretrained tag (default openai) or a local/fsspec checkpoint path")
+    p.add_argument("--aesthetic-head", metavar="PATH", help="LAION improved aesthetic predictor weights "
+                                                            "(e.g. sac+logos+ava1-l14-linearMSE.pth)")
+    p.add_argument("--watermark-head", metavar="PATH", help="watermark probability head weights")
+    p.add_argument("--nsfw-head", metavar="PATH", help="NSFW head weights (LAION CLIP-based detector architecture)")
+    p.add_argument("--no-similarity", action="store_true", help="do not compute image-caption similarity")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="rule preset (default laion-aesthetics-5plus)")
+    p.add_argument("--rule", action="append", default=None, metavar="RULE",
+                   help="extra rule, e.g. 'min_side >= 256' (repeatable; added after the preset's rules)")
+    p.add_argument("--embeddings", action="store_true", help="also write embeddings (clip-retrieval layout)")
+    p.add_argument("--batch-size", type=int, help="images per model forward (default 64)")
+    p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument("--num-actors", type=int, help="scoring actors (default: one per GPU, or sized from CPUs)")
+    p.add_argument("--actor-cpus", type=float, help="CPUs reserved per scoring actor (default: automatic)")
+    p.add_argument("--max-image-pixels", type=int, help="refuse images declaring more pixels (decompression bombs)")
+    p.add_argument("--exif-transpose", action="store_true", help="rotate images as EXIF says before scoring "
+                                                                 "(default: score as stored, like preprocess(Image.open(f)))")
+    p.add_argument("--address", help="Ray cluster address (default: a local Ray, or RAY_ADDRESS)")
+    p.add_argument("--overwrite", action="store_true", help="redo everything in OUTPUT (the only way to redo committed shards)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+def config_from_args(args: argparse.Namespace) -> CurateConfig:
+    cfg = CurateConfig()
+    if args.config:
+        cfg = config_from_dict(load_config_file(args.config), cfg, source=f"--config {args.config}")
+    cfg.input, cfg.output = args.input, args.output
+    for flag, key in FLAG_KEYS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            setattr(cfg, key, value)
+    if args.rule:
+        cfg.rules = list(cfg.rules) + args.rule
+    if args.no_similarity:
+        cfg.similarity = False
+    if args.embeddings:
+        cfg.embeddings = True
+    if args.exif_transpose:
+        cfg.exif_transpose = True
+    if args.overwrite:
+        cfg.overwrite = True
+    if args.quiet:
+        cfg.progress = False
+    if cfg.preset == "none":
+        cfg.preset = None
+    cfg.validate()
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipelines.curate import CurateError, run_curate
+    from pipelines.shards import InputError
+
+    try:
+        cfg = config_from_args(args)
+        run_curate(cfg)
+    except (ConfigError, InputError, CurateError) as e:
+        print(f"shardsmith curate: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nshardsmith curate: interrupted. Committed shards are kept (see OUTPUT/_ledger/); "
+              "rerun the same command to resume.", file=sys.stderr)
+        return 130
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m jobs.curate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,442 @@
+"""The curate dataflow on Ray Data.
+
+    shards -> read (CPU tasks: tar stream -> samples) -> decode (CPU tasks: bytes -> model pixels)
+           -> score (actor pool: one CLIP image forward + heads + caption similarity)
+           -> driver: gather a shard's rows -> write (CPU task: rules, scores parquet,
+              curated tar + parquet, embeddings, ledger commit)
+
+Only small rows reach the driver (key, scores, size, caption): image bytes stay in the read and
+decode stages, and the writer copies the kept samples from the source tar untouched. Each shard
+also sends one sentinel row (``row == -1``) carrying its sample count, so the driver knows when a
+shard is complete however the rows are interleaved.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import defaultdict
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from filters.clip import ClipSpec
+from filters.scorer import Scorer, ScorerSpec
+from pipelines import fs as fsutil
+from pipelines.config import CurateConfig
+from pipelines.decode import DecodeError, decode
+from pipelines.readers import iter_tar_samples
+from pipelines.shards import InputShard
+
+READ_BATCH = 64
+SENTINEL = -1
+
+
+def read_shard_rows(batch: dict) -> "Iterator[dict]":  # noqa: F821
+    """Ray Data UDF: one input row per shard -> batches of samples (bytes), then a sentinel."""
+    for name, url in zip(batch["shard"], batch["url"]):
+        buf: list = []
+        count = 0
+        for s in iter_tar_samples(str(url)):
+            count += 1
+            url_field = None
+            if "json" in s.members:
+                try:
+                    meta = json.loads(s.members["json"])
+                    url_field = meta.get("url") if isinstance(meta, dict) else None
+                except (ValueError, UnicodeDecodeError):
+                    url_field = None
+            buf.append((s.row, s.key, s.image if s.error_kind is None else None, s.caption(),
+                        str(url_field) if url_field is not None else None, s.error_kind, s.error))
+            if len(buf) >= READ_BATCH:
+                yield _sample_batch(str(name), buf, -1)
+                buf = []
+        buf.append((SENTINEL, None, None, None, None, None, None))
+        yield _sample_batch(str(name), buf, count)
+
+
+def _sample_batch(shard: str, rows: list, count: int) -> dict:
+    cols = list(zip(*rows))
+    return {
+        "shard": np.array([shard] * len(rows), dtype=object),
+        "row": np.array(cols[0], dtype=np.int64),
+        "key": np.array(cols[1], dtype=object),
+        "image": np.array(cols[2], dtype=object),
+        "caption": np.array(cols[3], dtype=object),
+        "url": np.array(cols[4], dtype=object),
+        "error_kind": np.array(cols[5], dtype=object),
+        "error": np.array(cols[6], dtype=object),
+        "shard_rows": np.array([count if r == SENTINEL else -1 for r in cols[0]], dtype=np.int64),
+    }
+
+
+def decode_batch(batch: dict, pixel_transform, image_size: tuple[int, int], max_pixels: int,
+                 exif_transpose: bool) -> dict:
+    """Ray Data UDF (CPU tasks): image bytes -> model-size uint8 pixels + original size."""
+    n = len(batch["row"])
+    pixels = np.zeros((n, *image_size, 3), dtype=np.uint8)
+    width = np.full(n, -1, dtype=np.int64)
+    height = np.full(n, -1, dtype=np.int64)
+    kinds = list(batch["error_kind"])
+    errors = list(batch["error"])
+    for i in range(n):
+        if batch["row"][i] == SENTINEL or kinds[i] is not None:
+            continue
+        try:
+            d = decode(batch["image"][i], pixel_transform, max_pixels, exif_transpose)
+        except DecodeError as e:
+            kinds[i], errors[i] = e.kind, e.message
+            continue
+        pixels[i], width[i], height[i] = d.pixels, d.width, d.height
+    out = {k: v for k, v in batch.items() if k != "image"}
+    out.update(pixels=pixels, original_width=width, original_height=height,
+               error_kind=np.array(kinds, dtype=object), error=np.array(errors, dtype=object))
+    return out
+
+
+class ScoreStage:
+    """Ray Data UDF (actor pool): the model is loaded once per actor."""
+
+    def __init__(self, spec: ScorerSpec, device: str, threads: int, keep_embeddings: bool):
+        import torch
+
+        torch.set_num_threads(threads)
+        self.scorer = Scorer(spec, device=device)
+        self.keep_embeddings = keep_embeddings
+        self.node_id = _node_id()
+
+    def __call__(self, batch: dict) -> dict:
+        n = len(batch["row"])
+        ok = np.array([batch["row"][i] != SENTINEL and batch["error_kind"][i] is None for i in range(n)], dtype=bool)
+        scores = {name: np.full(n, np.nan, dtype=np.float32) for name in ("aesthetic", "pwatermark", "punsafe", "similarity")}
+        emb = None
+        if ok.any():
+            captions = [c if isinstance(c, str) else "" for c in batch["caption"][ok]]
+            res = self.scorer.score(batch["pixels"][ok], captions)
+            for name in scores:
+                if name in res:
+                    scores[name][ok] = res[name]
+            if self.keep_embeddings:
+                emb = np.zeros((n, res["embedding"].shape[1]), dtype=np.float16)
+                emb[ok] = res["embedding"].astype(np.float16)
+        out = {k: v for k, v in batch.items() if k != "pixels"}
+        out.update(scores)
+        computed = set(self.scorer.heads) | ({"similarity"} if self.scorer.spec.similarity else set())
+        for name in scores:
+            if name not in computed:
+                out[name] = np.full(n, np.nan, dtype=np.float32)
+        out["node_id"] = np.array([self.node_id] * n, dtype=object)
+        if self.keep_embeddings:
+            if emb is None:
+                emb = np.zeros((n, self.scorer.embedder.embed_dim), dtype=np.float16)
+            out["embedding"] = emb
+        return out
+
+
+def _node_id() -> str:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:
+        return "local"
+
+
+def build_dataset(shards: list[InputShard], cfg: CurateConfig, spec: ScorerSpec, pixel_transform,
+                  image_size: tuple[int, int], plan):
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    items = [{"shard": s.name, "url": s.url} for s in shards]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    ds = ds.map_batches(read_shard_rows, batch_size=1, num_cpus=plan.read_cpus, zero_copy_batch=True)
+    ds = ds.map_batches(decode_batch, fn_kwargs={"pixel_transform": pixel_transform, "image_size": image_size,
+                                                 "max_pixels": cfg.max_image_pixels,
+                                                 "exif_transpose": cfg.exif_transpose},
+                        batch_size=cfg.decode_batch_size, num_cpus=plan.decode_cpus)
+    ds = ds.map_batches(
+        ScoreStage,
+        fn_constructor_args=(spec, plan.device, plan.torch_threads, cfg.embeddings),
+        compute=ActorPoolStrategy(min_size=1, max_size=plan.num_actors),
+        batch_size=cfg.batch_size,
+        num_cpus=plan.actor_cpus,
+        num_gpus=plan.actor_gpus,
+    )
+    return ds
+
+
+RESULT_COLUMNS = ["row", "key", "caption", "url", "error_kind", "error", "aesthetic", "pwatermark",
+                  "punsafe", "similarity", "original_width", "original_height"]
+
+
+def shard_results(parts: list[pa.Table]) -> tuple[pa.Table, np.ndarray | None, list[str]]:
+    """Concatenate a shard's result batches (sentinel removed), in row order."""
+    t = pa.concat_tables([p for p in parts], promote_options="permissive")
+    t = t.filter(pc.not_equal(t.column("row"), SENTINEL)).sort_by("row")
+    emb = None
+    if "embedding" in t.column_names:
+        emb = np.stack(t.column("embedding").to_numpy(zero_copy_only=False)) if t.num_rows else np.zeros((0, 1), np.float16)
+    nodes = sorted({n for n in t.column("node_id").to_pylist() if n}) if "node_id" in t.column_names else []
+    res = t.select([c for c in RESULT_COLUMNS if c in t.column_names])
+    # -1 means "no size" (the image was not decoded)
+    for c in ("original_width", "original_height"):
+        col = res.column(c)
+        res = res.set_column(res.column_names.index(c), c, pc.if_else(pc.less(col, 0), pa.scalar(None, col.type), col))
+    return res, emb, nodes
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver
+# ---------------------------------------------------------------------------------------------
+
+class CurateError(RuntimeError):
+    pass
+
+
+def _check_output_writable(layout) -> None:
+    probe = layout.path("_tmp", f".probe-{os.getpid()}")
+    try:
+        fsutil.write_bytes_atomic(probe, b"ok", tmp_dir=layout.tmp_dir)
+        fsutil.remove(probe)
+    except Exception as e:
+        raise CurateError(f"{layout.root}: output location is not writable: {type(e).__name__}: {e}") from e
+
+
+OUTPUT_PARTS = ("scores", "curated", "img_emb", "metadata", "_ledger", "_tmp", "manifest.json", "stats.json",
+                "report.html")
+
+
+def prepare_output(cfg: CurateConfig, layout, shards: list[InputShard], mode: str, models: dict) -> dict:
+    """Check or start the run manifest; --overwrite removes what an earlier run wrote."""
+    from pipelines.ledger import write_json
+
+    fingerprint = {**cfg.fingerprint(), "mode": mode}
+    if cfg.overwrite:
+        for part in OUTPUT_PARTS:
+            fsutil.remove(layout.path(part), recursive=True)
+    elif fsutil.exists(layout.manifest):
+        old = json.loads(fsutil.read_text(layout.manifest))
+        if old.get("fingerprint") != fingerprint:
+            diff = sorted(k for k in set(fingerprint) | set(old.get("fingerprint", {}))
+                          if fingerprint.get(k) != old.get("fingerprint", {}).get(k))
+            raise CurateError(
+                f"{layout.root} holds a run made with other settings ({', '.join(diff)} differ); "
+                "rerun with the same settings to resume, pass --overwrite to redo it, or use a new OUTPUT")
+    _check_output_writable(layout)
+    manifest = {
+        "tool": "shardsmith curate",
+        "version": _version(),
+        "fingerprint": fingerprint,
+        "config": {k: v for k, v in cfg.__dict__.items() if k not in ("overwrite",)},
+        "models": models,
+        "inputs": [s.to_dict() for s in shards],
+        "packages": package_versions(),
+        "started_at": time.time(),
+    }
+    write_json(layout.manifest, manifest, tmp_dir=layout.tmp_dir)
+    return manifest
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("shardsmith")
+    except Exception:
+        return "0+unknown"
+
+
+def package_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for p in ("torch", "torchvision", "open_clip_torch", "ray", "pyarrow", "fsspec", "pillow", "numpy",
+              "diffusers", "transformers", "webdataset"):
+        try:
+            out[p] = version(p)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def check_rules_against_scores(cfg: CurateConfig, mode: str, spec: ScorerSpec) -> None:
+    from pipelines.config import ConfigError
+
+    if mode != "images":
+        return
+    computed = set(spec.computed())
+    flag = {"aesthetic": "--aesthetic-head", "pwatermark": "--watermark-head", "punsafe": "--nsfw-head",
+            "similarity": "similarity (enabled by default)"}
+    for rule in cfg.ruleset().rules:
+        for need in rule.needs():
+            if need in flag and need not in computed:
+                raise ConfigError(
+                    f"rule '{rule.name}' needs the {need!r} score, which is not computed: give "
+                    f"{flag[need]}, or choose a preset/rules without it (--preset none --rule ...)")
+
+
+def run_curate(cfg: CurateConfig, log=print) -> dict:
+    """Plan, validate, run and commit; returns the run's stats (also written to stats.json)."""
+    import ray
+
+    from pipelines.ledger import Ledger, OutputLayout, aggregate, write_json
+    from pipelines.metadata import filter_metadata_shard
+    from pipelines.progress import Progress, summary
+    from pipelines.runtime import cluster_resources, plan_resources, ray_session
+    from pipelines.shards import plan_shards
+    from pipelines.writers import write_image_shard
+
+    cfg.validate()
+    rules = cfg.ruleset()
+    needs = rules.needs()
+    mode, shards = plan_shards(cfg.input, cfg.mode, required_columns=needs)
+    spec = ScorerSpec(ClipSpec(cfg.clip_model, cfg.clip_pretrained), cfg.heads(), similarity=cfg.similarity)
+    check_rules_against_scores(cfg, mode, spec)
+    layout = OutputLayout(cfg.output)
+
+    scorer = None
+    models: dict = {}
+    if mode == "images":
+        # Load everything once here, so that a bad model or head fails before any work starts.
+        scorer = Scorer(spec, device="cpu")
+        models = {"clip_model": cfg.clip_model, "clip_pretrained": cfg.clip_pretrained,
+                  "embed_dim": scorer.embedder.embed_dim, "heads": cfg.heads(),
+                  "computed": spec.computed(),
+                  "not_computed": [h for h in ("aesthetic", "pwatermark", "punsafe", "similarity")
+                                   if h not in spec.computed()]}
+    manifest = prepare_output(cfg, layout, shards, mode, models)
+    ledger = Ledger(layout)
+    ledger.clean_tmp()
+    committed = ledger.committed()
+    todo = [s for s in shards if s.name not in committed]
+    log(f"shardsmith curate: {len(shards)} shard(s) in {cfg.input} ({mode} mode); "
+        f"{len(shards) - len(todo)} already committed, {len(todo)} to do")
+    log(f"rules: {', '.join(rules.names) or '(none: keep every readable row)'}")
+    if models.get("not_computed"):
+        log(f"not computed (no weights given, column left null): {', '.join(models['not_computed'])}")
+    t0 = time.time()
+    if todo:
+        with ray_session(cfg.address):
+            if mode == "images":
+                _run_images(cfg, todo, rules, spec, scorer, layout, log)
+            else:
+                _run_metadata(cfg, todo, rules, layout, filter_metadata_shard, log)
+    scorer = None
+    entries = ledger.committed()
+    missing = [s.name for s in shards if s.name not in entries]
+    if missing:
+        raise CurateError(f"{len(missing)} shard(s) were not committed: {', '.join(missing[:10])}; rerun to resume")
+    stats = aggregate({s.name: entries[s.name] for s in shards})
+    stats["mode"] = mode
+    stats["rules"] = rules.names
+    stats["scores_computed"] = models.get("computed", [])
+    stats["scores_not_computed"] = models.get("not_computed", [])
+    stats["seconds_this_run"] = round(time.time() - t0, 3)
+    write_json(layout.stats, stats, tmp_dir=layout.tmp_dir)
+    manifest["finished_at"] = time.time()
+    write_json(layout.manifest, manifest, tmp_dir=layout.tmp_dir)
+    ledger.clean_tmp()
+    notes = []
+    if stats["scores_not_computed"]:
+        notes.append(f"\nnot computed (null columns): {', '.join(stats['scores_not_computed'])}")
+    notes.append(f"\noutputs in {cfg.output}: scores/, curated/, stats.json, manifest.json")
+    log(summary(stats, f"\ncurate summary ({mode} mode, {stats['shards_committed']} shards)", notes))
+    return stats
+
+
+def _run_images(cfg, todo, rules, spec, scorer, layout, log) -> None:
+    import ray
+
+    from pipelines.progress import Progress
+    from pipelines.readers import read_index_parquet  # noqa: F401  (workers import it too)
+    from pipelines.runtime import cluster_resources, plan_resources
+    from pipelines.writers import write_image_shard
+
+    cpus, gpus = cluster_resources()
+    plan = plan_resources(cpus, gpus, cfg.device, cfg.num_actors, cfg.actor_cpus)
+    log(f"ray: {cpus:g} CPU, {gpus:g} GPU; {plan.describe()}")
+    pixel_transform, image_size = scorer.pixel_transform, scorer.embedder.image_size
+    total = _expected_rows(todo)
+    progress = Progress("curate", total, len(todo), enabled=cfg.progress)
+    ds = build_dataset(todo, cfg, spec, pixel_transform, image_size, plan)
+    by_name = {s.name: s for s in todo}
+    writer = ray.remote(num_cpus=plan.write_cpus, max_retries=3)(write_image_shard)
+    parts: dict[str, list] = defaultdict(list)
+    seen: dict[str, int] = defaultdict(int)
+    totals: dict[str, int] = {}
+    inflight: dict = {}
+
+    def collect(timeout: float) -> None:
+        if not inflight:
+            return
+        done, _ = ray.wait(list(inflight), num_returns=len(inflight), timeout=timeout)
+        for ref in done:
+            inflight.pop(ref)
+            ray.get(ref)  # raises the writer's error, if any
+            progress.update(shards=1)
+
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
+        shard_col = batch.column("shard")
+        for name in pc.unique(shard_col).to_pylist():
+            sub = batch.filter(pc.equal(shard_col, name))
+            rows = sub.column("row").to_numpy()
+            n_real = int((rows != SENTINEL).sum())
+            parts[name].append(sub)
+            seen[name] += n_real
+            progress.update(rows=n_real)
+            if (rows == SENTINEL).any():
+                totals[name] = int(sub.column("shard_rows").to_numpy().max())
+            if name in totals and seen[name] == totals[name]:
+                table, emb, nodes = shard_results(parts.pop(name))
+                ref = writer.remote(by_name[name], table, rules, cfg.output, emb if cfg.embeddings else None,
+                                    {"node_ids": nodes})
+                inflight[ref] = name
+        collect(0)
+    incomplete = sorted(set(parts))
+    if incomplete:
+        raise CurateError(f"shard(s) ended without all their rows: {', '.join(incomplete[:10])}")
+    while inflight:
+        collect(5.0)
+    progress.update(force=True)
+
+
+def _expected_rows(shards: list[InputShard]) -> int | None:
+    """Rows to expect, from the img2dataset parquet indexes when every shard has one."""
+    import pyarrow.parquet as pq
+
+    total = 0
+    for s in shards:
+        if not s.index_url:
+            return None
+        try:
+            with fsutil.open_file(s.index_url) as f:
+                t = pq.read_table(f, columns=None)
+            if "status" in t.column_names:
+                total += int(pc.sum(pc.equal(t.column("status"), "success")).as_py() or 0)
+            else:
+                total += t.num_rows
+        except Exception:
+            return None
+    return total
+
+
+def _run_metadata(cfg, todo, rules, layout, filter_fn, log) -> None:
+    import ray
+
+    from pipelines.progress import Progress
+
+    progress = Progress("curate", None, len(todo), enabled=cfg.progress)
+    items = [{"shard": s.name} for s in todo]
+    by_name = {s.name: s for s in todo}
+    out_root = cfg.output
+
+    def run_one(row: dict) -> dict:
+        entry = filter_fn(by_name[row["shard"]], rules, out_root)
+        return {"shard": row["shard"], "rows": entry["rows_read"]}
+
+    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items))).map(run_one, num_cpus=0.5)
+    for row in ds.iter_rows():
+        progress.update(rows=int(row["rows"]), shards=1)
+    progress.update(force=True)

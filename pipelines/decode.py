@@ -1,0 +1,78 @@
+"""Image bytes -> model pixels, with every failure turned into a specific error kind.
+
+Runs in CPU tasks next to the reader; decoded full-size images never leave this function, only
+the model-sized uint8 pixels do.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps
+
+# EXIF orientations 5-8 swap width and height when displayed.
+_SWAPPING_ORIENTATIONS = {5, 6, 7, 8}
+DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's own default decompression-bomb limit
+
+
+class DecodeError(Exception):
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+@dataclass
+class Decoded:
+    pixels: np.ndarray  # uint8 (H, W, 3), model size
+    width: int  # original size as displayed (EXIF orientation applied)
+    height: int
+
+
+def decode(data: bytes, pixel_transform, max_pixels: int = DEFAULT_MAX_PIXELS,
+           exif_transpose: bool = False) -> Decoded:
+    """Decode ``data`` and apply the PIL half of the model's preprocess.
+
+    The declared size is checked against ``max_pixels`` before any pixel is decoded, so a
+    decompression bomb is refused without allocating it. Animated images use their first frame.
+    With ``exif_transpose`` the pixels are rotated as EXIF says before scoring; by default they
+    are scored as stored, which is what ``preprocess(Image.open(f))`` computes.
+    """
+    if not data:
+        raise DecodeError("empty_image", "image member is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise DecodeError("image_too_large", str(e)) from e
+    except Image.UnidentifiedImageError as e:
+        raise DecodeError("decode_error", f"not a recognised image format (first bytes: {data[:8].hex()})") from e
+    except Exception as e:
+        raise DecodeError("decode_error", f"not a readable image: {type(e).__name__}: {e}") from e
+    w, h = img.size
+    if w * h > max_pixels:
+        raise DecodeError("image_too_large",
+                          f"declared size {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}")
+    if w < 1 or h < 1:
+        raise DecodeError("decode_error", f"image has an empty size {w}x{h}")
+    try:
+        orientation = img.getexif().get(0x0112, 1)
+    except Exception:
+        orientation = 1
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img.load()
+            if exif_transpose and orientation != 1:
+                img = ImageOps.exif_transpose(img)
+            pixels = pixel_transform(img)
+    except Exception as e:
+        raise DecodeError("decode_error", f"cannot decode image ({img.format or 'unknown format'} "
+                                          f"{w}x{h}, mode {img.mode}): {type(e).__name__}: {e}") from e
+    if orientation in _SWAPPING_ORIENTATIONS:
+        w, h = h, w
+    return Decoded(pixels=pixels, width=w, height=h)

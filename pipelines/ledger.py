@@ -1,0 +1,112 @@
+"""The output folder's bookkeeping: the run manifest, the ledger of committed shards, stats.json.
+
+A shard is committed when its ledger entry ``OUTPUT/_ledger/<shard>.json`` exists; the entry is
+written last, after every output file of the shard has been moved to its final name. A rerun skips
+committed shards and redoes the others, overwriting whatever an interrupted run left.
+``stats.json`` is always rebuilt from the ledger, so it never disagrees with it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+from pipelines import fs as fsutil
+
+LEDGER_DIR = "_ledger"
+TMP_DIR = "_tmp"
+
+
+@dataclass
+class OutputLayout:
+    root: str
+
+    def path(self, *parts: str) -> str:
+        return fsutil.join(self.root, *parts)
+
+    @property
+    def ledger_dir(self) -> str:
+        return self.path(LEDGER_DIR)
+
+    @property
+    def tmp_dir(self) -> str:
+        return self.path(TMP_DIR)
+
+    def ledger_entry(self, shard: str) -> str:
+        return self.path(LEDGER_DIR, f"{shard}.json")
+
+    @property
+    def manifest(self) -> str:
+        return self.path("manifest.json")
+
+    @property
+    def stats(self) -> str:
+        return self.path("stats.json")
+
+
+class Ledger:
+    def __init__(self, layout: OutputLayout):
+        self.layout = layout
+
+    def committed(self) -> dict[str, dict]:
+        """shard name -> its committed stats entry."""
+        d = self.layout.ledger_dir
+        if not fsutil.exists(d):
+            return {}
+        out = {}
+        for url in fsutil.list_files(d, (".json",)):
+            entry = json.loads(fsutil.read_text(url))
+            out[entry["shard"]] = entry
+        return out
+
+    def commit(self, shard: str, entry: dict) -> None:
+        entry = {"shard": shard, "committed_at": time.time(), **entry}
+        fsutil.write_bytes_atomic(self.layout.ledger_entry(shard), json.dumps(entry, indent=1).encode(),
+                                  tmp_dir=self.layout.tmp_dir)
+
+    def clean_tmp(self) -> None:
+        """Remove what interrupted runs left in the temporary folder."""
+        fsutil.remove(self.layout.tmp_dir, recursive=True)
+
+
+def aggregate(entries: dict[str, dict]) -> dict:
+    """Run totals from per-shard stats; kept + dropped + errors == rows_read by construction."""
+    total = Counter()
+    by_reason, by_kind = Counter(), Counter()
+    for e in entries.values():
+        for k in ("rows_read", "kept", "dropped", "errors"):
+            total[k] += e[k]
+        by_reason.update(e.get("dropped_by_reason", {}))
+        by_kind.update(e.get("errors_by_kind", {}))
+    return {
+        "rows_read": total["rows_read"],
+        "kept": total["kept"],
+        "dropped": total["dropped"],
+        "dropped_by_reason": dict(sorted(by_reason.items())),
+        "errors": total["errors"],
+        "errors_by_kind": dict(sorted(by_kind.items())),
+        "shards_committed": len(entries),
+        "shards": {name: {k: v for k, v in e.items() if k != "shard"} for name, e in sorted(entries.items())},
+    }
+
+
+def shard_stats(status: list[str], reason: list[str | None]) -> dict:
+    kept = sum(1 for s in status if s == "kept")
+    dropped_by = Counter(r for s, r in zip(status, reason) if s == "dropped")
+    errors_by = Counter(r for s, r in zip(status, reason) if s == "error")
+    stats = {
+        "rows_read": len(status),
+        "kept": kept,
+        "dropped": sum(dropped_by.values()),
+        "dropped_by_reason": dict(sorted(dropped_by.items())),
+        "errors": sum(errors_by.values()),
+        "errors_by_kind": dict(sorted(errors_by.items())),
+    }
+    assert stats["kept"] + stats["dropped"] + stats["errors"] == stats["rows_read"], stats
+    return stats
+
+
+def write_json(url: str, data: dict, tmp_dir: str | None = None) -> None:
+    fsutil.write_bytes_atomic(url, (json.dumps(data, indent=1, sort_keys=False) + "\n").encode(), tmp_dir=tmp_dir)

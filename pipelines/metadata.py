@@ -1,0 +1,90 @@
+"""Metadata-only curation: apply the rules to the score columns a LAION parquet already has.
+
+No image is read. Each parquet file is a shard, streamed batch by batch: every row goes to
+``scores/<shard>.parquet`` with its status and reason, and the selected rows, with their original
+columns untouched, to ``curated/<shard>.parquet`` (e.g. LAION-Aesthetics 5+ from LAION-5B).
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from filters.rules import RuleSet
+from pipelines import fs as fsutil
+from pipelines.ledger import Ledger, OutputLayout, shard_stats
+from pipelines.readers import iter_metadata_batches, metadata_column_map
+from pipelines.shards import InputShard
+from pipelines.writers import SCORES_SCHEMA
+
+BATCH_ROWS = 262_144
+
+
+def _cast_or_null(col: pa.Array, typ: pa.DataType) -> pa.Array:
+    """Cast a column to the scores schema type; a column that cannot be read as such is null
+    (a rule that needs it then reports each row as an error; planning already rejected rule
+    columns of the wrong type)."""
+    try:
+        return pc.cast(col, typ)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        try:
+            return pc.cast(col, typ, safe=False)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            return pa.nulls(len(col), typ)
+
+
+def canonical_batch(batch: pa.RecordBatch, cmap: dict[str, str], first_row: int) -> pa.Table:
+    """The LAION columns under shardsmith's names (scores schema), whatever their letter case."""
+    n = batch.num_rows
+    cols = {}
+    for name, typ in zip(SCORES_SCHEMA.names, SCORES_SCHEMA.types):
+        if name in cmap:
+            cols[name] = _cast_or_null(batch.column(cmap[name]), typ)
+        else:
+            cols[name] = pa.nulls(n, typ)
+    rows = pa.array(range(first_row, first_row + n), pa.int64())
+    cols["row"] = rows
+    if "key" not in cmap:
+        cols["key"] = pc.cast(rows, pa.string())
+    return pa.table(cols)
+
+
+def filter_metadata_shard(shard: InputShard, rules: RuleSet, out_root: str, extra: dict | None = None) -> dict:
+    layout = OutputLayout(out_root)
+    tmp = layout.tmp_dir
+    statuses, reasons = [], []
+    first = 0
+    scores_url = layout.path("scores", f"{shard.name}.parquet")
+    curated_url = layout.path("curated", f"{shard.name}.parquet")
+    with fsutil.atomic_write(scores_url, tmp_dir=tmp) as fs_scores, \
+            fsutil.atomic_write(curated_url, tmp_dir=tmp) as fs_curated:
+        w_scores = w_curated = None
+        for batch in iter_metadata_batches(shard.url, BATCH_ROWS):
+            cmap = metadata_column_map(batch.schema.names)
+            table = canonical_batch(batch, cmap, first)
+            d = rules.apply(table)
+            table = table.set_column(table.column_names.index("status"), "status", pa.array(d.status, pa.string()))
+            table = table.set_column(table.column_names.index("reason"), "reason", pa.array(d.reason, pa.string()))
+            table = table.set_column(table.column_names.index("error"), "error", pa.array(d.error, pa.string()))
+            table = table.select(SCORES_SCHEMA.names)
+            kept = pa.Table.from_batches([batch]).filter(pa.array(d.status == "kept"))
+            if w_scores is None:
+                w_scores = pq.ParquetWriter(fs_scores, SCORES_SCHEMA, compression="zstd")
+                w_curated = pq.ParquetWriter(fs_curated, batch.schema, compression="zstd")
+            w_scores.write_table(table)
+            w_curated.write_table(kept)
+            statuses.extend(d.status.tolist())
+            reasons.extend(d.reason.tolist())
+            first += batch.num_rows
+        if w_scores is None:  # a parquet file with no rows
+            schema = pq.read_schema(fsutil.open_file(shard.url))
+            w_scores = pq.ParquetWriter(fs_scores, SCORES_SCHEMA, compression="zstd")
+            w_curated = pq.ParquetWriter(fs_curated, schema, compression="zstd")
+        w_scores.close()
+        w_curated.close()
+    stats = shard_stats(statuses, reasons)
+    entry = {**stats, "input": shard.url, "outputs": [f"scores/{shard.name}.parquet", f"curated/{shard.name}.parquet"],
+             **(extra or {})}
+    Ledger(layout).commit(shard.name, entry)
+    return entry
