@@ -147,12 +147,30 @@ class RuleSet:
         return out
 
     def apply(self, table: pa.Table, status=None, reason=None, error=None) -> Decision:
-        """Decide every row. Rows already marked ``error`` (decode failures...) stay errors."""
+        """Decide every row. Rows already marked ``error`` (decode failures...) stay errors; then
+        a row with a missing or out-of-range value in any field a rule reads is an error, whatever
+        the rule order; then the first rule a row fails drops it."""
         n = table.num_rows
         status = np.array(status if status is not None else ["kept"] * n, dtype=object)
         reason = np.array(reason if reason is not None else [None] * n, dtype=object)
         error = np.array(error if error is not None else [None] * n, dtype=object)
         open_rows = status != "error"
+        values: dict[str, np.ndarray] = {}
+        for rule in self.rules:
+            if rule.op == "has" or rule.field in values:
+                continue
+            vals = values[rule.field] = field_values(table, rule.field)
+            missing = open_rows & np.isnan(vals)
+            if missing.any():
+                status[missing], reason[missing] = "error", "missing_value"
+                error[missing] = f"{rule.field} is missing (null or NaN); rule '{rule.name}' needs it"
+            lo, hi = FIELD_RANGES.get(rule.field, (-math.inf, math.inf))
+            with np.errstate(invalid="ignore"):
+                bad = open_rows & ~np.isnan(vals) & ((vals < lo) | (vals > hi))
+            for i in np.flatnonzero(bad):
+                status[i], reason[i] = "error", "bad_value"
+                error[i] = f"{rule.field}={vals[i]:g} is outside its valid range [{lo:g}, {hi:g}]"
+            open_rows &= ~missing & ~bad
         for rule in self.rules:
             if not open_rows.any():
                 break
@@ -164,24 +182,10 @@ class RuleSet:
                     ok = pc.fill_null(pc.greater(pc.utf8_length(col), 0), False).to_numpy(zero_copy_only=False)
                 else:
                     ok = pc.is_valid(col).to_numpy(zero_copy_only=False)
-                drop = open_rows & ~ok
-                status[drop], reason[drop] = "dropped", rule.name
-                open_rows &= ok
-                continue
-            vals = field_values(table, rule.field)
-            missing = np.isnan(vals)
-            lo, hi = FIELD_RANGES.get(rule.field, (-math.inf, math.inf))
-            with np.errstate(invalid="ignore"):
-                bad = ~missing & ((vals < lo) | (vals > hi))
-                ok = OPS[rule.op](vals, rule.value) & ~missing & ~bad
-            miss = open_rows & missing
-            if miss.any():
-                status[miss], reason[miss] = "error", "missing_value"
-                error[miss] = f"{rule.field} is missing (null or NaN); rule '{rule.name}' needs it"
-            for i in np.flatnonzero(open_rows & bad):
-                status[i], reason[i] = "error", "bad_value"
-                error[i] = f"{rule.field}={vals[i]:g} is outside its valid range [{lo:g}, {hi:g}]"
-            drop = open_rows & ~missing & ~bad & ~ok
+            else:
+                with np.errstate(invalid="ignore"):
+                    ok = OPS[rule.op](values[rule.field], rule.value)
+            drop = open_rows & ~ok
             status[drop], reason[drop] = "dropped", rule.name
             open_rows &= ok
         return Decision(status, reason, error)

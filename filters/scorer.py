@@ -50,9 +50,31 @@ class Scorer:
         return self.embedder.pixel_transform
 
     @torch.inference_mode()
-    def score(self, pixels: np.ndarray, captions: list[str] | None = None) -> dict[str, np.ndarray]:
+    def score(self, pixels: np.ndarray, captions: list[str] | None = None,
+              fixed_batch: int | None = None) -> dict[str, np.ndarray]:
         """pixels: uint8 (N, H, W, 3) from ``pixel_transform``. Returns float32 arrays of length
-        N for every computed score, plus ``embedding`` (N, D) float32, L2-normalised."""
+        N for every computed score, plus ``embedding`` (N, D) float32, L2-normalised.
+
+        With ``fixed_batch`` every forward has exactly that many rows (the last chunk padded): a
+        sample's scores then do not depend on which other samples share its batch, which makes a
+        resumed or re-batched run bit-identical to an uninterrupted one (CPU GEMMs give slightly
+        different results for different batch sizes)."""
+        n = len(pixels)
+        if fixed_batch is None or n == 0:
+            return self._score(pixels, captions)
+        parts = []
+        for start in range(0, n, fixed_batch):
+            px = pixels[start:start + fixed_batch]
+            caps = captions[start:start + fixed_batch] if captions is not None else None
+            pad = fixed_batch - len(px)
+            if pad:
+                px = np.concatenate([px, np.zeros((pad, *px.shape[1:]), dtype=px.dtype)])
+                caps = list(caps) + [""] * pad if caps is not None else None
+            out = self._score(px, caps)
+            parts.append({k: v[:fixed_batch - pad] for k, v in out.items()})
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def _score(self, pixels: np.ndarray, captions: list[str] | None) -> dict[str, np.ndarray]:
         emb = self.embedder.embed_pixels(pixels)
         out: dict[str, np.ndarray] = {"embedding": emb}
         x = torch.from_numpy(emb).to(self.device)

@@ -86,11 +86,12 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def make_sample(rng: np.random.Generator, i: int) -> dict:
+def make_sample(rng: np.random.Generator, i: int, max_size: int = 1024) -> dict:
     """One sample's image, caption and ground truth; every ~7th small, ~6th watermarked."""
     small = i % 7 == 3
-    w = int(rng.integers(24, 128)) if small else int(rng.integers(256, 1024))
-    h = int(rng.integers(24, 128)) if small else int(rng.integers(256, 1024))
+    lo = min(256, max_size // 2)
+    w = int(rng.integers(24, 128)) if small else int(rng.integers(lo, max_size))
+    h = int(rng.integers(24, 128)) if small else int(rng.integers(lo, max_size))
     img = texture(rng, w, h)
     watermarked = i % 6 == 1
     if watermarked:
@@ -99,14 +100,14 @@ def make_sample(rng: np.random.Generator, i: int) -> dict:
     return {"image": img, "fmt": fmt, "caption": caption_for(rng), "watermarked": watermarked}
 
 
-def write_shard(out_dir: str, shard: int, n: int, seed: int) -> dict:
+def write_shard(out_dir: str, shard: int, n: int, seed: int, max_size: int = 1024) -> dict:
     rng = np.random.default_rng([seed, shard])
     rows = []
     tar_path = os.path.join(out_dir, f"{shard:05d}.tar")
     with tarfile.open(tar_path, "w", format=tarfile.PAX_FORMAT) as tar:
         for i in range(n):
             key = f"{shard:05d}{i:04d}"
-            s = make_sample(rng, i)
+            s = make_sample(rng, i, max_size)
             data = encode(s["image"], s["fmt"])
             broken = None
             if i == n - 5:
@@ -158,11 +159,11 @@ def write_metadata(out_dir: str, files: int, rows: int, seed: int) -> list[str]:
 
 
 def make_sample_data(out: str, shards: int = 3, per_shard: int = 100, metadata_files: int = 2,
-                     metadata_rows: int = 5000, seed: int = 0) -> dict:
+                     metadata_rows: int = 5000, seed: int = 0, max_size: int = 1024) -> dict:
     images_dir, meta_dir = os.path.join(out, "images"), os.path.join(out, "metadata")
     os.makedirs(images_dir, exist_ok=True)
     os.makedirs(meta_dir, exist_ok=True)
-    written = [write_shard(images_dir, s, per_shard, seed) for s in range(shards)]
+    written = [write_shard(images_dir, s, per_shard, seed, max_size) for s in range(shards)]
     metas = write_metadata(meta_dir, metadata_files, metadata_rows, seed)
     return {"images": images_dir, "metadata": meta_dir, "shards": [w["tar"] for w in written],
             "rows": sum(w["rows"] for w in written), "metadata_files": metas}
@@ -174,13 +175,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--per-shard", type=int, default=100, help="samples per shard (default 100)")
     p.add_argument("--metadata-files", type=int, default=2, help="LAION metadata parquet files (default 2)")
     p.add_argument("--metadata-rows", type=int, default=5000, help="rows per metadata file (default 5000)")
+    p.add_argument("--max-size", type=int, default=1024, help="largest image side in pixels (default 1024)")
     p.add_argument("--seed", type=int, default=0)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.shards < 1 or args.per_shard < 16:
-        raise SystemExit("sample-data: --shards must be >= 1 and --per-shard >= 16")
-    info = make_sample_data(args.dir, args.shards, args.per_shard, args.metadata_files, args.metadata_rows, args.seed)
+    if args.shards < 1 or args.per_shard < 16 or args.max_size < 64:
+        raise SystemExit("sample-data: --shards must be >= 1, --per-shard >= 16 and --max-size >= 64")
+    info = make_sample_data(args.dir, args.shards, args.per_shard, args.metadata_files, args.metadata_rows, args.seed,
+                            args.max_size)
     print(f"wrote {len(info['shards'])} shards ({info['rows']} samples) to {info['images']} and "
           f"{len(info['metadata_files'])} metadata files to {info['metadata']}")
     return 0

@@ -99,11 +99,12 @@ def decode_batch(batch: dict, pixel_transform, image_size: tuple[int, int], max_
 class ScoreStage:
     """Ray Data UDF (actor pool): the model is loaded once per actor."""
 
-    def __init__(self, spec: ScorerSpec, device: str, threads: int, keep_embeddings: bool):
+    def __init__(self, spec: ScorerSpec, device: str, threads: int, keep_embeddings: bool, batch_size: int):
         import torch
 
         torch.set_num_threads(threads)
         self.scorer = Scorer(spec, device=device)
+        self.batch_size = batch_size
         self.keep_embeddings = keep_embeddings
         self.node_id = _node_id()
 
@@ -114,7 +115,7 @@ class ScoreStage:
         emb = None
         if ok.any():
             captions = [c if isinstance(c, str) else "" for c in batch["caption"][ok]]
-            res = self.scorer.score(batch["pixels"][ok], captions)
+            res = self.scorer.score(batch["pixels"][ok], captions, fixed_batch=self.batch_size)
             for name in scores:
                 if name in res:
                     scores[name][ok] = res[name]
@@ -158,7 +159,7 @@ def build_dataset(shards: list[InputShard], cfg: CurateConfig, spec: ScorerSpec,
                         batch_size=cfg.decode_batch_size, num_cpus=plan.decode_cpus)
     ds = ds.map_batches(
         ScoreStage,
-        fn_constructor_args=(spec, plan.device, plan.torch_threads, cfg.embeddings),
+        fn_constructor_args=(spec, plan.device, plan.torch_threads, cfg.embeddings, cfg.batch_size),
         compute=ActorPoolStrategy(min_size=1, max_size=plan.num_actors),
         batch_size=cfg.batch_size,
         num_cpus=plan.actor_cpus,
@@ -180,10 +181,13 @@ def shard_results(parts: list[pa.Table]) -> tuple[pa.Table, np.ndarray | None, l
         emb = np.stack(t.column("embedding").to_numpy(zero_copy_only=False)) if t.num_rows else np.zeros((0, 1), np.float16)
     nodes = sorted({n for n in t.column("node_id").to_pylist() if n}) if "node_id" in t.column_names else []
     res = t.select([c for c in RESULT_COLUMNS if c in t.column_names])
-    # -1 means "no size" (the image was not decoded)
+    # -1 means "no size" (the image was not decoded), NaN "no score": both are nulls on disk
     for c in ("original_width", "original_height"):
         col = res.column(c)
         res = res.set_column(res.column_names.index(c), c, pc.if_else(pc.less(col, 0), pa.scalar(None, col.type), col))
+    for c in ("aesthetic", "pwatermark", "punsafe", "similarity"):
+        col = res.column(c)
+        res = res.set_column(res.column_names.index(c), c, pc.if_else(pc.is_nan(col), pa.scalar(None, col.type), col))
     return res, emb, nodes
 
 

@@ -40,9 +40,24 @@ def _stem(url: str) -> str:
     return _SAFE.sub("_", stem) or "shard"
 
 
+def split_inputs(spec: str) -> list[str]:
+    """Split 'a.tar,b/*.tar' on the commas that are not inside a {brace,pattern}."""
+    parts, depth, cur = [], 0, []
+    for ch in spec:
+        depth += ch == "{"
+        depth -= ch == "}"
+        if ch == "," and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    parts.append("".join(cur))
+    return [p.strip() for p in parts if p.strip()]
+
+
 def find_inputs(spec: str) -> list[str]:
     urls: list[str] = []
-    for part in [p.strip() for p in spec.split(",") if p.strip()]:
+    for part in split_inputs(spec):
         if fsutil.isdir(part):
             files = fsutil.list_files(part, (".tar", ".parquet"))
             tars = [f for f in files if f.endswith(".tar")]

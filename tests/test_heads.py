@@ -1,0 +1,92 @@
+"""The LAION heads: architecture, original-format state dicts, and scores equal to a reference."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from filters.heads import AestheticMLP, NsfwHead, ProbabilityHead, fit_probability_head, load_head
+from filters.weights import WeightsError
+
+
+class ReferenceMLP(nn.Module):
+    """Written as in christophschuhmann/improved-aesthetic-predictor (simple_inference.py)."""
+
+    def __init__(self, input_size):
+        super().__init__()
+        self.input_size = input_size
+        self.layers = nn.Sequential(
+            nn.Linear(self.input_size, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
+            nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1))
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+def test_original_format_state_dict_loads_and_matches_reference(tmp_path):
+    torch.manual_seed(3)
+    ref = ReferenceMLP(768).eval()
+    path = tmp_path / "sac+logos+ava1-l14-linearMSE.pth"
+    torch.save(ref.state_dict(), path)
+    assert sorted(torch.load(path, weights_only=True)) == sorted(
+        f"layers.{i}.{p}" for i in (0, 2, 4, 6, 7) for p in ("weight", "bias"))
+    head = load_head("aesthetic", str(path), embed_dim=768)
+    assert isinstance(head, AestheticMLP)
+    x = torch.nn.functional.normalize(torch.randn(32, 768), dim=-1)
+    with torch.no_grad():
+        np.testing.assert_allclose(head(x).numpy(), ref(x).squeeze(-1).numpy(), rtol=0, atol=1e-6)
+
+
+def test_embed_dim_mismatch_is_explained(tmp_path):
+    path = tmp_path / "a.pth"
+    torch.save(AestheticMLP(768).state_dict(), path)
+    with pytest.raises(WeightsError, match="expects 768-d embeddings but the CLIP model gives 512-d"):
+        load_head("aesthetic", str(path), embed_dim=512)
+
+
+def test_wrong_keys_are_named(tmp_path):
+    path = tmp_path / "a.pth"
+    torch.save({"layers.0.weight": torch.zeros(4, 8)}, path)
+    with pytest.raises(WeightsError, match="missing keys"):
+        load_head("aesthetic", str(path))
+
+
+def test_pickled_module_is_refused_with_conversion_hint(tmp_path):
+    path = tmp_path / "module.pth"
+    torch.save(AestheticMLP(16), path)  # a whole pickled module, not a state dict
+    with pytest.raises(WeightsError, match="convert it once"):
+        load_head("aesthetic", str(path))
+
+
+def test_nsfw_head_safetensors_and_normalization(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    head = NsfwHead(32).eval()
+    with torch.no_grad():
+        head.norm_mean.uniform_(-0.1, 0.1)
+        head.norm_var.uniform_(0.5, 2.0)
+    path = tmp_path / "nsfw.safetensors"
+    save_file(head.state_dict(), str(path))
+    loaded = load_head("punsafe", str(path), embed_dim=32)
+    x = torch.randn(8, 32)
+    with torch.no_grad():
+        expected = torch.sigmoid(head.layers((x - head.norm_mean) / head.norm_var.sqrt())).squeeze(-1)
+        got = loaded(x)
+    torch.testing.assert_close(got, expected)
+    assert ((got >= 0) & (got <= 1)).all()
+
+
+def test_fit_probability_head_separates_labelled_embeddings():
+    rng = np.random.default_rng(0)
+    pos = rng.normal(0.3, 0.1, (50, 16))
+    neg = rng.normal(-0.3, 0.1, (50, 16))
+    fit = fit_probability_head(np.vstack([pos, neg]), np.r_[np.ones(50), np.zeros(50)])
+    assert fit.train_accuracy > 0.95
+    buf = io.BytesIO()
+    torch.save(fit.head.state_dict(), buf)
+    again = ProbabilityHead.from_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=True))
+    x = torch.randn(4, 16)
+    torch.testing.assert_close(again(x), fit.head(x))
