@@ -120,7 +120,7 @@ class ClipEmbedder:
 
     def pixels_to_tensor(self, pixels: np.ndarray) -> torch.Tensor:
         """uint8 (N, H, W, 3) -> normalised float (N, 3, H, W), exactly as ToTensor+Normalize."""
-        x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2).contiguous()
+        x = torch.from_numpy(np.require(pixels, requirements=["C", "W"])).permute(0, 3, 1, 2).contiguous()
         x = x.to(dtype=torch.get_default_dtype()).div(255)
         for t in self.tensor_steps:
             x = t(x)
