@@ -85,13 +85,14 @@ def config_from_args(args: argparse.Namespace) -> CurateConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.curate import CurateError, run_curate
+    from pipelines.curate import run_curate
+    from pipelines.ledger import RunError
     from pipelines.shards import InputError
 
     try:
         cfg = config_from_args(args)
         run_curate(cfg)
-    except (ConfigError, InputError, CurateError) as e:
+    except (ConfigError, InputError, RunError) as e:
         print(f"shardsmith curate: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

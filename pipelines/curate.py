@@ -27,6 +27,7 @@ from filters.scorer import Scorer, ScorerSpec
 from pipelines import fs as fsutil
 from pipelines.config import CurateConfig
 from pipelines.decode import DecodeError, decode
+from pipelines.ledger import RunError
 from pipelines.readers import iter_tar_samples
 from pipelines.shards import InputShard
 
@@ -195,74 +196,17 @@ def shard_results(parts: list[pa.Table]) -> tuple[pa.Table, np.ndarray | None, l
 # The driver
 # ---------------------------------------------------------------------------------------------
 
-class CurateError(RuntimeError):
-    pass
-
-
-def _check_output_writable(layout) -> None:
-    probe = layout.path("_tmp", f".probe-{os.getpid()}")
-    try:
-        fsutil.write_bytes_atomic(probe, b"ok", tmp_dir=layout.tmp_dir)
-        fsutil.remove(probe)
-    except Exception as e:
-        raise CurateError(f"{layout.root}: output location is not writable: {type(e).__name__}: {e}") from e
-
-
 OUTPUT_PARTS = ("scores", "curated", "img_emb", "metadata", "_ledger", "_tmp", "manifest.json", "stats.json",
-                "report.html")
+                "report.html", "report")
 
 
 def prepare_output(cfg: CurateConfig, layout, shards: list[InputShard], mode: str, models: dict) -> dict:
     """Check or start the run manifest; --overwrite removes what an earlier run wrote."""
-    from pipelines.ledger import write_json
+    from pipelines.ledger import start_run
 
-    fingerprint = {**cfg.fingerprint(), "mode": mode}
-    if cfg.overwrite:
-        for part in OUTPUT_PARTS:
-            fsutil.remove(layout.path(part), recursive=True)
-    elif fsutil.exists(layout.manifest):
-        old = json.loads(fsutil.read_text(layout.manifest))
-        if old.get("fingerprint") != fingerprint:
-            diff = sorted(k for k in set(fingerprint) | set(old.get("fingerprint", {}))
-                          if fingerprint.get(k) != old.get("fingerprint", {}).get(k))
-            raise CurateError(
-                f"{layout.root} holds a run made with other settings ({', '.join(diff)} differ); "
-                "rerun with the same settings to resume, pass --overwrite to redo it, or use a new OUTPUT")
-    _check_output_writable(layout)
-    manifest = {
-        "tool": "shardsmith curate",
-        "version": _version(),
-        "fingerprint": fingerprint,
-        "config": {k: v for k, v in cfg.__dict__.items() if k not in ("overwrite",)},
-        "models": models,
-        "inputs": [s.to_dict() for s in shards],
-        "packages": package_versions(),
-        "started_at": time.time(),
-    }
-    write_json(layout.manifest, manifest, tmp_dir=layout.tmp_dir)
-    return manifest
-
-
-def _version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("shardsmith")
-    except Exception:
-        return "0+unknown"
-
-
-def package_versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for p in ("torch", "torchvision", "open_clip_torch", "ray", "pyarrow", "fsspec", "pillow", "numpy",
-              "diffusers", "transformers", "webdataset"):
-        try:
-            out[p] = version(p)
-        except PackageNotFoundError:
-            pass
-    return out
+    config = {k: v for k, v in cfg.__dict__.items() if k not in ("overwrite",)}
+    return start_run(layout, "shardsmith curate", {**cfg.fingerprint(), "mode": mode}, config, models,
+                     [s.to_dict() for s in shards], cfg.overwrite, OUTPUT_PARTS)
 
 
 def check_rules_against_scores(cfg: CurateConfig, mode: str, spec: ScorerSpec) -> None:
@@ -331,7 +275,7 @@ def run_curate(cfg: CurateConfig, log=print) -> dict:
     entries = ledger.committed()
     missing = [s.name for s in shards if s.name not in entries]
     if missing:
-        raise CurateError(f"{len(missing)} shard(s) were not committed: {', '.join(missing[:10])}; rerun to resume")
+        raise RunError(f"{len(missing)} shard(s) were not committed: {', '.join(missing[:10])}; rerun to resume")
     stats = aggregate({s.name: entries[s.name] for s in shards})
     stats["mode"] = mode
     stats["rules"] = rules.names
@@ -400,7 +344,7 @@ def _run_images(cfg, todo, rules, spec, scorer, layout, log) -> None:
         collect(0)
     incomplete = sorted(set(parts))
     if incomplete:
-        raise CurateError(f"shard(s) ended without all their rows: {', '.join(incomplete[:10])}")
+        raise RunError(f"shard(s) ended without all their rows: {', '.join(incomplete[:10])}")
     while inflight:
         collect(5.0)
     progress.update(force=True)

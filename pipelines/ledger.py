@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass
 
@@ -106,6 +107,62 @@ def shard_stats(status: list[str], reason: list[str | None]) -> dict:
     }
     assert stats["kept"] + stats["dropped"] + stats["errors"] == stats["rows_read"], stats
     return stats
+
+
+class RunError(RuntimeError):
+    """The output folder cannot take this run (other settings, not writable)."""
+
+
+def check_writable(layout: OutputLayout) -> None:
+    probe = layout.path(TMP_DIR, f".probe-{uuid.uuid4().hex[:8]}")
+    try:
+        fsutil.write_bytes_atomic(probe, b"ok", tmp_dir=layout.tmp_dir)
+        fsutil.remove(probe)
+    except Exception as e:
+        raise RunError(f"{layout.root}: output location is not writable: {type(e).__name__}: {e}") from e
+
+
+def start_run(layout: OutputLayout, tool: str, fingerprint: dict, config: dict, models: dict, inputs: list,
+              overwrite: bool, parts: tuple[str, ...]) -> dict:
+    """Check an existing run manifest against this run's settings (resume needs the same ones),
+    or remove the earlier run's outputs (``parts``) with ``overwrite``; then write the manifest."""
+    if overwrite:
+        for part in parts:
+            fsutil.remove(layout.path(part), recursive=True)
+    elif fsutil.exists(layout.manifest):
+        old = json.loads(fsutil.read_text(layout.manifest)).get("fingerprint", {})
+        if old != fingerprint:
+            diff = sorted(k for k in set(fingerprint) | set(old) if fingerprint.get(k) != old.get(k))
+            raise RunError(
+                f"{layout.root} holds a run made with other settings ({', '.join(diff)} differ); "
+                "rerun with the same settings to resume, pass --overwrite to redo it, or use a new OUTPUT")
+    check_writable(layout)
+    manifest = {"tool": tool, "version": shardsmith_version(), "fingerprint": fingerprint, "config": config,
+                "models": models, "inputs": inputs, "packages": package_versions(), "started_at": time.time()}
+    write_json(layout.manifest, manifest, tmp_dir=layout.tmp_dir)
+    return manifest
+
+
+def shardsmith_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("shardsmith")
+    except Exception:
+        return "0+unknown"
+
+
+def package_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for p in ("torch", "torchvision", "open_clip_torch", "ray", "pyarrow", "fsspec", "pillow", "numpy",
+              "diffusers", "transformers", "webdataset", "invisible-watermark"):
+        try:
+            out[p] = version(p)
+        except PackageNotFoundError:
+            pass
+    return out
 
 
 def write_json(url: str, data: dict, tmp_dir: str | None = None) -> None:

@@ -15,7 +15,8 @@ from PIL import Image
 
 from conftest import curate_config, read_scores
 from pipelines.config import ConfigError
-from pipelines.curate import CurateError, run_curate
+from pipelines.curate import run_curate
+from pipelines.ledger import RunError
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +159,7 @@ def test_rerun_with_other_settings_is_refused_unless_overwrite(first_run, tiny_m
     out, _ = first_run
     copy = tmp_path / "out"
     shutil.copytree(out, copy)
-    with pytest.raises(CurateError, match="rules differ"):
+    with pytest.raises(RunError, match="rules differ"):
         run_curate(curate_config(sample["images"], copy, tiny_models, embeddings=True,
                                  preset="sd-improved-aesthetics"), log=lambda *a: None)
     stats = run_curate(curate_config(sample["images"], copy, tiny_models, embeddings=True,
