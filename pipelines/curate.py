@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections import defaultdict
 
 import numpy as np
 import pyarrow as pa
@@ -25,6 +24,7 @@ import pyarrow.compute as pc
 from filters.clip import ClipSpec
 from filters.scorer import Scorer, ScorerSpec
 from pipelines import fs as fsutil
+from pipelines.collect import SENTINEL, ShardCollector, drive
 from pipelines.config import CurateConfig
 from pipelines.decode import DecodeError, decode
 from pipelines.ledger import RunError
@@ -32,7 +32,6 @@ from pipelines.readers import iter_tar_samples
 from pipelines.shards import InputShard
 
 READ_BATCH = 64
-SENTINEL = -1
 
 
 def read_shard_rows(batch: dict) -> "Iterator[dict]":  # noqa: F821
@@ -173,13 +172,18 @@ RESULT_COLUMNS = ["row", "key", "caption", "url", "error_kind", "error", "aesthe
                   "punsafe", "similarity", "original_width", "original_height"]
 
 
-def shard_results(parts: list[pa.Table]) -> tuple[pa.Table, np.ndarray | None, list[str]]:
-    """Concatenate a shard's result batches (sentinel removed), in row order."""
-    t = pa.concat_tables([p for p in parts], promote_options="permissive")
-    t = t.filter(pc.not_equal(t.column("row"), SENTINEL)).sort_by("row")
+def shard_results(t: pa.Table | None, embed_dim: int) -> tuple[pa.Table, np.ndarray | None, list[str]]:
+    """A complete shard's rows (sentinel removed, in row order) -> results table, embeddings, nodes."""
+    if t is None:  # an empty shard
+        t = pa.table({"row": pa.array([], pa.int64()), **{c: pa.array([], pa.string()) for c in
+                      ("key", "caption", "url", "error_kind", "error", "node_id")},
+                      **{c: pa.array([], pa.float32()) for c in ("aesthetic", "pwatermark", "punsafe", "similarity")},
+                      **{c: pa.array([], pa.int64()) for c in ("original_width", "original_height")}})
     emb = None
     if "embedding" in t.column_names:
-        emb = np.stack(t.column("embedding").to_numpy(zero_copy_only=False)) if t.num_rows else np.zeros((0, 1), np.float16)
+        emb = np.stack(t.column("embedding").to_numpy(zero_copy_only=False))
+    elif t.num_rows == 0:
+        emb = np.zeros((0, embed_dim), np.float16)
     nodes = sorted({n for n in t.column("node_id").to_pylist() if n}) if "node_id" in t.column_names else []
     res = t.select([c for c in RESULT_COLUMNS if c in t.column_names])
     # -1 means "no size" (the image was not decoded), NaN "no score": both are nulls on disk
@@ -311,43 +315,14 @@ def _run_images(cfg, todo, rules, spec, scorer, layout, log) -> None:
     ds = build_dataset(todo, cfg, spec, pixel_transform, image_size, plan)
     by_name = {s.name: s for s in todo}
     writer = ray.remote(num_cpus=plan.write_cpus, max_retries=3)(write_image_shard)
-    parts: dict[str, list] = defaultdict(list)
-    seen: dict[str, int] = defaultdict(int)
-    totals: dict[str, int] = {}
-    inflight: dict = {}
 
-    def collect(timeout: float) -> None:
-        if not inflight:
-            return
-        done, _ = ray.wait(list(inflight), num_returns=len(inflight), timeout=timeout)
-        for ref in done:
-            inflight.pop(ref)
-            ray.get(ref)  # raises the writer's error, if any
-            progress.update(shards=1)
+    def submit(name: str, rows: pa.Table | None):
+        table, emb, nodes = shard_results(rows, embed_dim=scorer.embedder.embed_dim)
+        return writer.remote(by_name[name], table, rules, cfg.output, emb if cfg.embeddings else None,
+                             {"node_ids": nodes})
 
-    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
-        shard_col = batch.column("shard")
-        for name in pc.unique(shard_col).to_pylist():
-            sub = batch.filter(pc.equal(shard_col, name))
-            rows = sub.column("row").to_numpy()
-            n_real = int((rows != SENTINEL).sum())
-            parts[name].append(sub)
-            seen[name] += n_real
-            progress.update(rows=n_real)
-            if (rows == SENTINEL).any():
-                totals[name] = int(sub.column("shard_rows").to_numpy().max())
-            if name in totals and seen[name] == totals[name]:
-                table, emb, nodes = shard_results(parts.pop(name))
-                ref = writer.remote(by_name[name], table, rules, cfg.output, emb if cfg.embeddings else None,
-                                    {"node_ids": nodes})
-                inflight[ref] = name
-        collect(0)
-    incomplete = sorted(set(parts))
-    if incomplete:
-        raise RunError(f"shard(s) ended without all their rows: {', '.join(incomplete[:10])}")
-    while inflight:
-        collect(5.0)
-    progress.update(force=True)
+    drive(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2), ShardCollector(),
+          submit, progress)
 
 
 def _expected_rows(shards: list[InputShard]) -> int | None:
