@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from filters.weights import WeightsError, is_local, local_copy
+from filters.weights import WeightsError, local_copy
 
 DEFAULT_MODEL = "ViT-L-14-quickgelu"
 DEFAULT_PRETRAINED = "openai"
@@ -51,12 +51,8 @@ class ClipSpec:
         if not p:
             return None
         if "://" in p or os.sep in p or p.endswith((".pt", ".pth", ".bin", ".safetensors")):
-            return local_copy(p) if not is_local(p) or os.path.exists(p) else _missing(p)
+            return local_copy(p)  # a local path as is, a remote one cached once per node
         return p
-
-
-def _missing(p: str):
-    raise WeightsError(f"{p}: CLIP checkpoint not found")
 
 
 def split_preprocess(preprocess) -> tuple[list, list]:

@@ -4,6 +4,8 @@
 2. builds tiny random models (``tiny-models``),
 3. curates the image shards on a local Ray with the LAION-Aesthetics 5+ preset,
 4. reproduces a LAION-Aesthetics 5+ selection from the sample's LAION metadata (metadata-only mode),
+5. generates a handful of images from the curated captions with a tiny Stable Diffusion pipeline,
+6. augments those with img2img variants, and curates the generated images back (``generated`` column),
 
 everything under ``./demo-output/``. The demo models are untrained: the scores exercise the
 pipeline and mean nothing about the images. A rerun reuses the data and models and resumes.
@@ -40,6 +42,8 @@ def run(args: argparse.Namespace) -> int:
     from jobs.tiny_models import make_tiny_models
     from pipelines.config import CurateConfig
     from pipelines.curate import run_curate
+    from pipelines.generate import GenerateConfig, run_augment, run_generate
+    from pipelines.prompts import Defaults
     from pipelines.runtime import ray_session
 
     out = args.output
@@ -48,10 +52,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"[demo] writing the sample dataset to {data_dir}")
         make_sample_data(data_dir)
     models_json = os.path.join(models_dir, "tiny-models.json")
+    models = {}
     if os.path.exists(models_json):
         with open(models_json) as f:
             models = json.load(f)
-    else:
+    if "sd_model" not in models:
         print(f"[demo] building tiny models in {models_dir}")
         models = make_tiny_models(models_dir)
     with ray_session(args.address):
@@ -66,10 +71,29 @@ def run(args: argparse.Namespace) -> int:
         run_curate(CurateConfig(
             input=os.path.join(data_dir, "metadata"), output=os.path.join(out, "metadata-curated"),
             preset="laion-aesthetics-5plus", overwrite=args.fresh, address=args.address))
+        steps = Defaults(num_inference_steps=4, width=256, height=256, seed=0)
+        print("\n[demo] generate: 8 images from the curated captions (tiny Stable Diffusion, 256x256, 4 steps)")
+        run_generate(GenerateConfig(
+            output=os.path.join(out, "generated"), model=models["sd_model"],
+            from_captions=os.path.join(out, "curated", "curated"), limit=8, defaults=steps, shard_size=4,
+            overwrite=args.fresh, address=args.address))
+        print("\n[demo] augment: 2 img2img variants of each generated image, strength 0.6, 10% caption dropout")
+        run_augment(GenerateConfig(
+            output=os.path.join(out, "augmented"), model=models["sd_model"], input=os.path.join(out, "generated"),
+            variants=2, strength=0.6, caption_dropout=0.1, size=(256, 256), defaults=steps,
+            overwrite=args.fresh, address=args.address))
+        print("\n[demo] curate the generated images back, looking for the invisible watermark")
+        run_curate(CurateConfig(
+            input=os.path.join(out, "generated"), output=os.path.join(out, "generated-curated"),
+            clip_model=models["clip_model"], clip_pretrained=models["clip_pretrained"],
+            aesthetic_head=models["aesthetic_head"], watermark_head=models["watermark_head"],
+            nsfw_head=models["nsfw_head"], preset="none", detect_generated=True, overwrite=args.fresh,
+            address=args.address))
     print()
     print(REAL_WEIGHTS_HINT)
-    print(f"[demo] done: see {os.path.join(out, 'curated')} (scores/, curated/, stats.json) and "
-          f"{os.path.join(out, 'metadata-curated')}")
+    print(f"[demo] done: see {os.path.join(out, 'curated')} (scores/, curated/, stats.json), "
+          f"{os.path.join(out, 'metadata-curated')}, {os.path.join(out, 'generated')}, "
+          f"{os.path.join(out, 'augmented')} and {os.path.join(out, 'generated-curated')}")
     return 0
 
 

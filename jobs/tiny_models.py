@@ -8,7 +8,10 @@ Writes
   synthetic images;
 - ``DIR/heads/watermark.pth``: a watermark probability head *fit* on the tiny CLIP's embeddings
   of synthetic images with and without tiled text watermarks (``filters.heads.fit_probability_head``);
-- ``DIR/heads/nsfw.safetensors``: the LAION NSFW detector architecture, random, biased low.
+- ``DIR/heads/nsfw.safetensors``: the LAION NSFW detector architecture, random, biased low;
+- ``DIR/sd-tiny/``: a tiny Stable Diffusion pipeline directory for diffusers (a 1 M-parameter
+  UNet, a 4-level VAE with 8x downsampling, a 2-layer CLIP text encoder, DDIM), its CLIP tokenizer
+  built from open_clip's bundled BPE vocabulary — nothing comes from a hub.
 
 These models are untrained (apart from the watermark head's toy fit): their scores exercise the
 pipeline, they mean nothing about real images.
@@ -46,6 +49,59 @@ def write_tiny_clip(out_dir: str, name: str = "tiny-clip", seed: int = 0) -> tup
     weights = os.path.join(out_dir, f"{name}.pt")
     torch.save(model.state_dict(), weights)
     return cfg_path, weights
+
+
+def write_clip_tokenizer_files(out_dir: str) -> tuple[str, str]:
+    """vocab.json + merges.txt of the CLIP BPE tokenizer, from open_clip's bundled vocabulary.
+
+    Same token ids as OpenAI's CLIP tokenizer (open_clip builds its vocabulary the same way);
+    transformers' CLIPTokenizer reads these two files."""
+    import gzip
+
+    from open_clip.tokenizer import bytes_to_unicode, default_bpe
+
+    merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+    vocab = list(bytes_to_unicode().values())
+    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    os.makedirs(out_dir, exist_ok=True)
+    vocab_path, merges_path = os.path.join(out_dir, "vocab.json"), os.path.join(out_dir, "merges.txt")
+    with open(vocab_path, "w") as f:
+        json.dump({t: i for i, t in enumerate(vocab)}, f)
+    with open(merges_path, "w") as f:
+        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return vocab_path, merges_path
+
+
+def write_tiny_sd(out_dir: str, seed: int = 0) -> str:
+    """A tiny SD 1.x-style diffusers pipeline, saved with save_pretrained."""
+    import tempfile
+
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab, merges = write_clip_tokenizer_files(tmp)
+        tokenizer = CLIPTokenizer(vocab, merges, model_max_length=77)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, norm_num_groups=8, attention_head_dim=8)
+    vae = AutoencoderKL(
+        block_out_channels=[8, 16, 16, 16], in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=4,
+        down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4, sample_size=256)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, hidden_size=32, intermediate_size=37,
+        layer_norm_eps=1e-5, num_attention_heads=4, num_hidden_layers=2, vocab_size=49408,
+        max_position_embeddings=77))
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(out_dir)
+    return out_dir
 
 
 def calibration_set(n: int = 96, seed: int = 1):
@@ -102,7 +158,10 @@ def make_tiny_models(out: str, seed: int = 0) -> dict:
     nsfw_path = os.path.join(heads_dir, "nsfw.safetensors")
     save_file({k: v.contiguous() for k, v in nsfw.state_dict().items()}, nsfw_path)
 
+    sd_dir = write_tiny_sd(os.path.join(out, "sd-tiny"), seed=seed)
+
     info = {
+        "sd_model": sd_dir,
         "clip_model": cfg_path,
         "clip_pretrained": weights,
         "aesthetic_head": aesthetic_path,

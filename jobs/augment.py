@@ -1,0 +1,79 @@
+"""``shardsmith augment INPUT OUTPUT --model MODEL --strength S --variants N``: img2img (SDEdit) variants.
+
+Each source image of the webdataset INPUT yields N variants, each with its own seed derived from
+--seed and the variant's key (``SOURCEKEY_vJ``); the prompt is the caption (or --prompt-template,
+with {caption} and {key}); each variant's json links to its source key and shard. Training-set
+preparation: --caption-dropout P empties a deterministic fraction P of the stored captions (SD's
+final training rounds dropped 10%), --buckets resizes/crops sources to SDXL-style aspect-ratio
+buckets of --bucket-area pixels (else the long side is scaled to --max-side, or --size WxH).
+An unreadable source image gives error rows; the rest of the shard completes.
+
+    python -m jobs.augment INPUT OUTPUT --model MODEL [options]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from jobs.generate import add_model_arguments, base_config
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected WxH, e.g. 512x512") from e
+    if w % 8 or h % 8 or w < 8 or h < 8:
+        raise argparse.ArgumentTypeError(f"{text!r}: width and height must be positive multiples of 8")
+    return w, h
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", help="webdataset shards to augment (fsspec URL, glob, {a,b})")
+    p.add_argument("output", help="output folder (fsspec URL)")
+    p.add_argument("--strength", type=float, default=0.5, help="img2img strength in (0, 1] (default 0.5)")
+    p.add_argument("--variants", type=int, default=1, help="variants per source image (default 1)")
+    p.add_argument("--prompt-template", default="{caption}", help="prompt; {caption} and {key} are filled in")
+    p.add_argument("--caption-dropout", type=float, default=0.0, help="fraction of stored captions emptied (e.g. 0.1)")
+    p.add_argument("--size", type=_size, help="fixed output size WxH (multiples of 8)")
+    p.add_argument("--max-side", type=int, default=512, help="without --size/--buckets: long side (default 512)")
+    p.add_argument("--buckets", action="store_true", help="snap to SDXL-style aspect-ratio buckets")
+    p.add_argument("--bucket-area", type=int, default=1024 * 1024, help="bucket area in pixels (default 1024*1024)")
+    p.add_argument("--limit", type=int, default=0, help="augment only the first N samples of each shard (0 = all)")
+    add_model_arguments(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    from filters.diffusion import DiffusionError
+    from pipelines.generate import run_augment
+    from pipelines.ledger import RunError
+    from pipelines.shards import InputError
+
+    try:
+        cfg = base_config(args, input=args.input, strength=args.strength, variants=args.variants,
+                          prompt_template=args.prompt_template, caption_dropout=args.caption_dropout,
+                          size=args.size, max_side=args.max_side, buckets=args.buckets, bucket_area=args.bucket_area,
+                          limit=args.limit)
+        run_augment(cfg)
+    except (DiffusionError, RunError, InputError, ValueError) as e:
+        print(f"shardsmith augment: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        from jobs.curate import committed_note
+
+        print(f"\nshardsmith augment: interrupted. {committed_note(args.output)} Rerun the same command to resume.",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m jobs.augment", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,186 @@
+"""generate and augment on a real local Ray with a tiny Stable Diffusion pipeline."""
+
+import io
+import json
+import os
+import shutil
+import tarfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from conftest import curate_config, read_scores
+from pipelines.curate import run_curate
+from pipelines.generate import GenerateConfig, buckets_for_area, run_augment, run_generate
+from pipelines.prompts import Defaults
+
+QUIET = dict(log=lambda *a: None)
+
+PROMPTS = [
+    {"prompt": "a red bicycle", "seed": 7, "width": 64, "height": 64},
+    {"prompt": "a mountain lake", "seed": 123456789, "negative_prompt": "blurry", "guidance_scale": 3.0,
+     "width": 96, "height": 64},
+    {"prompt": "a lighthouse", "num_images": 2, "width": 64, "height": 64},  # derived seeds
+    {"prompt": "", "seed": 1},  # no prompt
+    {"prompt": "bad size", "width": 100, "height": 64},  # not divisible by 8
+    {"prompt": "bad steps", "num_inference_steps": -2},
+    {"prompt": "absurd steps", "num_inference_steps": 100000},
+    {"prompt": "a big one", "seed": 3, "width": 256, "height": 256},
+]
+
+
+def write_prompts(path):
+    """jsonl: pyarrow infers each column over all rows (from_pylist would look at the first only)."""
+    path.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
+    return str(path)
+
+
+def members(tar_path):
+    with tarfile.open(tar_path) as t:
+        return {m.name: t.extractfile(m).read() for m in t.getmembers()}
+
+
+def all_members(out):
+    got = {}
+    for f in sorted(os.listdir(out)):
+        if f.endswith(".tar"):
+            got.update(members(os.path.join(out, f)))
+    return got
+
+
+def gen_config(prompts, out, models, **kw):
+    base = dict(output=str(out), model=models["sd_model"], prompts=prompts, shard_size=3, batch_size=2,
+                defaults=Defaults(num_inference_steps=2, width=64, height=64, seed=11), progress=False)
+    base.update(kw)
+    return GenerateConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def generated(ray_local, tiny_models, tmp_path_factory):
+    d = tmp_path_factory.mktemp("gen")
+    prompts = write_prompts(d / "prompts.jsonl")
+    stats = run_generate(gen_config(prompts, d / "out", tiny_models, watermark=False), **QUIET)
+    return d, prompts, stats
+
+
+def test_every_row_is_an_image_or_an_error_row(generated):
+    d, _, stats = generated
+    index = pa.concat_tables([pq.read_table(d / "out" / f) for f in sorted(os.listdir(d / "out"))
+                              if f.endswith(".parquet")]).to_pylist()
+    assert stats["rows_read"] == len(index) == 9  # 8 rows, one asking for 2 images
+    by_key = {r["key"]: r for r in index}
+    errors = {k: r["error_message"] for k, r in by_key.items() if r["status"] == "error"}
+    assert "no prompt" in errors["00000003"]
+    assert "width=100 is not divisible by 8" in errors["00000004"]
+    assert "num_inference_steps=-2 is outside 1..1000" in errors["00000005"]
+    assert "num_inference_steps=100000" in errors["00000006"]
+    assert stats["errors"] == 4 and stats["kept"] == 5
+    got = all_members(d / "out")
+    assert sorted(k for k in got if k.endswith(".png")) == sorted(f"{k}.png" for k, r in by_key.items()
+                                                                   if r["status"] == "success")
+
+
+def test_images_equal_a_direct_diffusers_call(generated, tiny_models):
+    """The issue's check: same components, prompt, seed, parameters -> the same pixels."""
+    from diffusers import StableDiffusionPipeline
+
+    d, _, _ = generated
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_models["sd_model"])
+    pipe.set_progress_bar_config(disable=True)
+    got = all_members(d / "out")
+    checked = 0
+    for name, data in got.items():
+        if not name.endswith(".json"):
+            continue
+        p = json.loads(data)
+        ref = pipe(p["prompt"], negative_prompt=p["negative_prompt"] or None, num_inference_steps=p["num_inference_steps"],
+                   guidance_scale=p["guidance_scale"], width=p["width"], height=p["height"],
+                   generator=torch.Generator("cpu").manual_seed(p["seed"])).images[0]
+        ours = Image.open(io.BytesIO(got[name[:-5] + ".png"]))
+        assert np.array_equal(np.asarray(ours), np.asarray(ref)), name
+        checked += 1
+    assert checked == 5
+    params = json.loads(got["00000001.json"])
+    assert params["seed"] == 123456789 and params["negative_prompt"] == "blurry" and params["guidance_scale"] == 3.0
+    assert {"model", "model_fingerprint", "scheduler", "shardsmith_version"} <= set(params)
+    from pipelines.prompts import derive_seed
+
+    seeds = [json.loads(got[f"00000002_{j}.json"])["seed"] for j in range(2)]
+    assert seeds == [derive_seed(11, f"00000002_{j}") for j in range(2)]  # no seed: from run seed + key
+
+
+def test_same_images_whatever_batch_size_and_workers(generated, tiny_models, tmp_path):
+    d, prompts, _ = generated
+    run_generate(gen_config(prompts, tmp_path / "o", tiny_models, watermark=False, batch_size=5, num_actors=2,
+                            actor_cpus=0.5, shard_size=4), **QUIET)
+    a, b = all_members(d / "out"), all_members(tmp_path / "o")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k] == b[k], k
+
+
+def test_resume_after_a_partial_run(generated, tiny_models, tmp_path):
+    d, prompts, _ = generated
+    out = tmp_path / "out"
+    shutil.copytree(d / "out", out)
+    os.remove(out / "_ledger" / "00001.json")
+    os.remove(out / "00001.tar")
+    logs = []
+    run_generate(gen_config(prompts, out, tiny_models, watermark=False), log=logs.append)
+    assert "2 already committed, 1 to do" in logs[0]
+    for f in ("00000.tar", "00001.tar", "00002.tar", "00001.parquet"):
+        assert (out / f).read_bytes() == (d / "out" / f).read_bytes(), f
+
+
+def test_watermark_decodes_and_curate_reads_generated_shards_back(ray_local, tiny_models, tmp_path, generated):
+    from filters.watermark import detect
+
+    prompts = write_prompts(tmp_path / "p.jsonl")
+    run_generate(gen_config(prompts, tmp_path / "wm", tiny_models), **QUIET)
+    marked = np.asarray(Image.open(io.BytesIO(all_members(tmp_path / "wm")["00000007.png"])).convert("RGB"))
+    clean = np.asarray(Image.open(io.BytesIO(all_members(generated[0] / "out")["00000007.png"])).convert("RGB"))
+    assert detect(marked) and not detect(clean)
+    stats = run_curate(curate_config(tmp_path / "wm", tmp_path / "curated", tiny_models, preset=None,
+                                     detect_generated=True, report=False), **QUIET)
+    rows = {r["key"]: r for r in read_scores(tmp_path / "curated").to_pylist()}
+    assert stats["rows_read"] == 5 and stats["errors"] == 0  # the 5 images made; error rows have no image
+    assert rows["00000007"]["generated"] is True  # 256 px: carries the watermark
+    assert rows["00000000"]["generated"] is False  # 64 px: too small to carry it
+    assert rows["00000001"]["caption"] == "a mountain lake"
+
+
+def test_augment_variants_dropout_buckets_and_bad_sources(ray_local, tiny_models, sample, tmp_path):
+    cfg = GenerateConfig(output=str(tmp_path / "aug"), model=tiny_models["sd_model"], input=sample["shards"][0],
+                         variants=2, strength=0.5, caption_dropout=0.5, buckets=True, bucket_area=64 * 64,
+                         defaults=Defaults(num_inference_steps=2, seed=5), batch_size=4, progress=False)
+    stats = run_augment(cfg, **QUIET)
+    index = pq.read_table(tmp_path / "aug" / "00000.parquet").to_pylist()
+    assert stats["rows_read"] == len(index) == 2 * 20
+    errors = [r for r in index if r["status"] == "error"]
+    assert len(errors) == 2 * 3  # the sample shard's 2 broken images and 1 sample without image, x2 variants
+    got = members(tmp_path / "aug" / "00000.tar")
+    metas = [json.loads(v) for k, v in got.items() if k.endswith(".json")]
+    assert metas and all(m["source_key"] and m["key"] == f"{m['source_key']}_v{m['variant']}" for m in metas)
+    sizes = {(m["width"], m["height"]) for m in metas}
+    assert sizes <= set(buckets_for_area(64 * 64))
+    for m in metas:
+        img = Image.open(io.BytesIO(got[m["key"] + ".png"]))
+        assert img.size == (m["width"], m["height"])
+        assert (got[m["key"] + ".txt"] == b"") == m["caption_dropped"]
+    dropped = sum(m["caption_dropped"] for m in metas)
+    assert 0 < dropped < len(metas)
+    again = run_augment(GenerateConfig(**{**cfg.__dict__, "output": str(tmp_path / "aug2")}), **QUIET)
+    assert (tmp_path / "aug" / "00000.tar").read_bytes() == (tmp_path / "aug2" / "00000.tar").read_bytes()
+    assert again["kept"] == stats["kept"]
+
+
+def test_explicit_seed_with_several_images_counts_up():
+    from pipelines.prompts import plan_tasks
+
+    tasks = plan_tasks(pa.Table.from_pylist([{"prompt": "x", "seed": 40, "num_images": 3}]), Defaults())
+    assert [t.seed for t in tasks] == [40, 41, 42] and [t.key for t in tasks] == ["00000000_0", "00000000_1",
+                                                                                   "00000000_2"]
