@@ -30,10 +30,11 @@ class Decoded:
     pixels: np.ndarray  # uint8 (H, W, 3), model size
     width: int  # original size as displayed (EXIF orientation applied)
     height: int
+    generated: bool | None = None  # carries shardsmith's invisible watermark (when asked)
 
 
 def decode(data: bytes, pixel_transform, max_pixels: int = DEFAULT_MAX_PIXELS,
-           exif_transpose: bool = False) -> Decoded:
+           exif_transpose: bool = False, detect_generated: bool = False) -> Decoded:
     """Decode ``data`` and apply the PIL half of the model's preprocess.
 
     The declared size is checked against ``max_pixels`` before any pixel is decoded, so a
@@ -70,9 +71,14 @@ def decode(data: bytes, pixel_transform, max_pixels: int = DEFAULT_MAX_PIXELS,
             if exif_transpose and orientation != 1:
                 img = ImageOps.exif_transpose(img)
             pixels = pixel_transform(img)
+            generated = None
+            if detect_generated:
+                from filters.watermark import detect
+
+                generated = detect(np.asarray(img.convert("RGB")))
     except Exception as e:
         raise DecodeError("decode_error", f"cannot decode image ({img.format or 'unknown format'} "
                                           f"{w}x{h}, mode {img.mode}): {type(e).__name__}: {e}") from e
     if orientation in _SWAPPING_ORIENTATIONS:
         w, h = h, w
-    return Decoded(pixels=pixels, width=w, height=h)
+    return Decoded(pixels=pixels, width=w, height=h, generated=generated)

@@ -9,6 +9,7 @@ committed shards and redoes the others, overwriting whatever an interrupted run 
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from collections import Counter
@@ -76,7 +77,10 @@ def aggregate(entries: dict[str, dict]) -> dict:
     """Run totals from per-shard stats; kept + dropped + errors == rows_read by construction."""
     total = Counter()
     by_reason, by_kind = Counter(), Counter()
+    nodes, scorers = set(), set()
     for e in entries.values():
+        nodes.update(e.get("node_ids", []))
+        scorers.update(e.get("scored_by", []))
         for k in ("rows_read", "kept", "dropped", "errors"):
             total[k] += e[k]
         by_reason.update(e.get("dropped_by_reason", {}))
@@ -89,6 +93,10 @@ def aggregate(entries: dict[str, dict]) -> dict:
         "errors": total["errors"],
         "errors_by_kind": dict(sorted(by_kind.items())),
         "shards_committed": len(entries),
+        "node_ids": sorted(nodes),
+        # distinct model-actor processes that scored rows: more than the pool size means actors
+        # were restarted after a failure and their work retried
+        "scoring_actor_instances": len(scorers),
         "shards": {name: {k: v for k, v in e.items() if k != "shard"} for name, e in sorted(entries.items())},
     }
 
@@ -126,6 +134,7 @@ def start_run(layout: OutputLayout, tool: str, fingerprint: dict, config: dict, 
               overwrite: bool, parts: tuple[str, ...]) -> dict:
     """Check an existing run manifest against this run's settings (resume needs the same ones),
     or remove the earlier run's outputs (``parts``) with ``overwrite``; then write the manifest."""
+    fingerprint = redact(fingerprint)
     if overwrite:
         for part in parts:
             fsutil.remove(layout.path(part), recursive=True)
@@ -137,10 +146,27 @@ def start_run(layout: OutputLayout, tool: str, fingerprint: dict, config: dict, 
                 f"{layout.root} holds a run made with other settings ({', '.join(diff)} differ); "
                 "rerun with the same settings to resume, pass --overwrite to redo it, or use a new OUTPUT")
     check_writable(layout)
-    manifest = {"tool": tool, "version": shardsmith_version(), "fingerprint": fingerprint, "config": config,
-                "models": models, "inputs": inputs, "packages": package_versions(), "started_at": time.time()}
+    manifest = {"tool": tool, "version": shardsmith_version(), "fingerprint": redact(fingerprint),
+                "config": redact(config), "models": redact(models), "inputs": redact(inputs),
+                "packages": package_versions(), "started_at": time.time()}
     write_json(layout.manifest, manifest, tmp_dir=layout.tmp_dir)
     return manifest
+
+
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
+_SECRET_PARAM = re.compile(r"(?i)([?&](?:x-amz-[a-z-]*|signature|sig|token|key|access_key|secret|password)=)[^&\s]+")
+
+
+def redact(obj):
+    """Remove credentials a URL may carry (user:password@, signed-URL parameters) before anything
+    is written to a manifest or a log."""
+    if isinstance(obj, str):
+        return _SECRET_PARAM.sub(r"\1REDACTED", _USERINFO.sub(r"\g<scheme>REDACTED@", obj))
+    if isinstance(obj, dict):
+        return {k: redact(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [redact(v) for v in obj]
+    return obj
 
 
 def shardsmith_version() -> str:

@@ -69,7 +69,9 @@ def iter_tar_samples(url: str) -> Iterator[Sample]:
 
     def finish(s: Sample) -> Sample:
         if s.error_kind is None:
-            if s.key in seen:
+            if s.key.startswith("/") or ".." in s.key.split("/"):
+                s.error_kind, s.error = "unsafe_key", f"key {s.key!r} is an absolute path or climbs out with '..'"
+            elif s.key in seen:
                 s.error_kind, s.error = "duplicate_key", f"key {s.key!r} appears more than once in this tar"
             elif s.image_ext is None:
                 have = ", ".join(sorted(s.members)) or "nothing"

@@ -1,0 +1,235 @@
+"""A real multi-node Ray cluster on this machine, for tests: loopback only, token auth on.
+
+Each node is a ``ray start --block`` process in its own process group, so the test stops exactly
+the processes it started (other Ray instances may run on the same machine: never ``ray stop``,
+never kill by name). Stopping sends SIGTERM to the ``ray start`` process, waits for its drain
+(Ray waits up to ~30 s for running work), then kills whatever is left of the group.
+
+Every port is chosen free, so two test clusters, or another engineer's Ray, do not collide.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+VENV_BIN = os.path.dirname(sys.executable)
+RAY = os.path.join(VENV_BIN, "ray")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def free_port_range(n: int = 60, tries: int = 50) -> tuple[int, int]:
+    """A window of ``n`` consecutive free ports for a node's workers (Ray's default window,
+    10002-19999, is shared by every Ray on the machine)."""
+    for _ in range(tries):
+        lo = random.randrange(20000, 60000 - n)
+        socks = []
+        try:
+            for p in range(lo, lo + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            return lo, lo + n - 1
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no window of {n} free ports found")
+
+
+def write_token(path: str) -> str:
+    """A fresh Ray auth token in a 0600 file (what ``RAY_AUTH_TOKEN_PATH`` points to)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+    return path
+
+
+def cluster_env(token_path: str, extra: dict | None = None) -> dict:
+    """Environment for the nodes and the clients: token auth on, the venv first on PATH (the
+    job's ``python`` is whatever comes first there), no leftover Ray address or token."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN", "RAY_JOB_HEADERS")}
+    # The drain on SIGTERM lets Serve replicas quiesce; the tests stop nodes after their jobs ended,
+    # so a short bound keeps teardown quick.
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=token_path, RAY_USAGE_STATS_ENABLED="0",
+               RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="10",
+               HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               PATH=VENV_BIN + os.pathsep + env.get("PATH", ""))
+    env.update(extra or {})
+    return env
+
+
+class LocalRayCluster:
+    """``with LocalRayCluster(tmp, env) as c: c.start_head(...); c.add_node(...)``: stopped on exit,
+    whatever happened."""
+
+    def __init__(self, log_dir: str, env: dict, object_store_bytes: int = 150 * 1024**2):
+        self.log_dir = log_dir
+        self.env = env
+        self.object_store_bytes = object_store_bytes
+        self.nodes: list[tuple[subprocess.Popen, object]] = []
+        self.gcs_address: str | None = None
+        self.dashboard_url: str | None = None
+        # Unix socket paths are limited to ~107 bytes: keep the session root short.
+        self.temp_dir = f"/tmp/ss-{secrets.token_hex(4)}"
+        self.temp_dirs = [self.temp_dir]
+
+    def __enter__(self) -> "LocalRayCluster":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _node_ports(self) -> list[str]:
+        lo, hi = free_port_range()
+        return ["--node-ip-address=127.0.0.1",
+                f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+                f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+                f"--min-worker-port={lo}", f"--max-worker-port={hi}",
+                f"--object-store-memory={self.object_store_bytes}", "--disable-usage-stats", "--block"]
+
+    def _spawn(self, args: list[str], name: str) -> subprocess.Popen:
+        log = open(os.path.join(self.log_dir, f"{name}.log"), "wb")
+        proc = subprocess.Popen([RAY, "start", *args], env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        self.nodes.append((proc, log))
+        return proc
+
+    def start_head(self, num_cpus: float = 1, resources: dict | None = None, timeout: float = 90) -> str:
+        port, dash = free_port(), free_port()
+        self.gcs_address = f"127.0.0.1:{port}"
+        self.dashboard_url = f"http://127.0.0.1:{dash}"
+        args = ["--head", f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                f"--ray-client-server-port={free_port()}", f"--num-cpus={num_cpus}", "--num-gpus=0",
+                f"--temp-dir={self.temp_dir}", *self._node_ports()]
+        if resources:
+            args.append(f"--resources={json.dumps(resources)}")
+        self._spawn(args, "head")
+        self.wait_for_dashboard(timeout)
+        self.wait_for_nodes(1, timeout)
+        return self.dashboard_url
+
+    def add_node(self, num_cpus: float = 1, resources: dict | None = None, timeout: float = 90) -> None:
+        assert self.gcs_address, "start_head first"
+        # Its own temp dir: nodes sharing one machine would otherwise share the session folder, and
+        # one node's runtime-env garbage collection would delete the job's working dir under the other.
+        temp_dir = f"{self.temp_dir}-n{len(self.nodes)}"
+        self.temp_dirs.append(temp_dir)
+        args = [f"--address={self.gcs_address}", f"--num-cpus={num_cpus}", "--num-gpus=0", f"--temp-dir={temp_dir}",
+                *self._node_ports()]
+        if resources:
+            args.append(f"--resources={json.dumps(resources)}")
+        self._spawn(args, f"node{len(self.nodes)}")
+        self.wait_for_nodes(len(self.nodes), timeout)
+
+    def _check_alive(self) -> None:
+        for proc, log in self.nodes:
+            if proc.poll() is not None:
+                raise RuntimeError(f"ray start exited with {proc.returncode}: see {log.name}:\n{self.logs()[-3000:]}")
+
+    def _get(self, path: str, timeout: float = 10) -> dict:
+        """GET on the head's dashboard API, with the cluster's token (the API refuses requests
+        without it)."""
+        import urllib.request
+
+        with open(self.env["RAY_AUTH_TOKEN_PATH"]) as f:
+            token = f.read().strip()
+        req = urllib.request.Request(self.dashboard_url + path, headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return json.loads(r.read())
+
+    def alive_nodes(self) -> list[dict]:
+        """Alive nodes as the GCS sees them (State API): node_id, is_head_node, resources_total."""
+        try:
+            data = self._get("/api/v0/nodes?limit=100")
+        except OSError:
+            return []
+        return [n for n in data["data"]["result"]["result"] if n["state"] == "ALIVE"]
+
+    def wait_for_nodes(self, n: int, timeout: float) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        nodes: list[dict] = []
+        while time.monotonic() < deadline:
+            self._check_alive()
+            nodes = self.alive_nodes()
+            if len(nodes) >= n:
+                return nodes
+            time.sleep(1)
+        raise TimeoutError(f"{len(nodes)} of {n} Ray nodes alive after {timeout:.0f} s:\n{self.logs()[-3000:]}")
+
+    def wait_for_dashboard(self, timeout: float) -> None:
+        import urllib.error
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._check_alive()
+            try:
+                urllib.request.urlopen(f"{self.dashboard_url}/api/version", timeout=5)
+                return
+            except urllib.error.HTTPError:
+                return  # it answers (401 without a token): it is up
+            except OSError:
+                time.sleep(1)
+        raise TimeoutError(f"Ray dashboard at {self.dashboard_url} not up after {timeout:.0f} s")
+
+    def logs(self) -> str:
+        text = []
+        for _, log in self.nodes:
+            try:
+                with open(log.name, "rb") as f:
+                    text.append(f"--- {os.path.basename(log.name)}\n" + f.read().decode(errors="replace"))
+            except OSError:
+                pass
+        return "\n".join(text)
+
+    def stop(self, drain_timeout: float = 35) -> None:
+        """Workers first, then the head: SIGTERM, wait for the drain, then kill the group."""
+        for proc, log in reversed(self.nodes):
+            try:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+                    try:
+                        proc.wait(timeout=drain_timeout)
+                    except subprocess.TimeoutExpired:
+                        pass
+            finally:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    pass
+                log.close()
+        self.nodes.clear()
+        import shutil
+
+        for d in self.temp_dirs:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
