@@ -6,13 +6,22 @@ import argparse
 import os
 import sys
 
-from jobs import curate, demo, sample_data, tiny_models
+from jobs import augment, curate, demo, generate, sample_data, submit, tiny_models
+from jobs import inspect, report
+from jobs import download
 
 COMMANDS = {
     "curate": (curate, "score and filter a LAION-style dataset (webdataset shards or metadata parquet)"),
+    "download": (download, "fetch LAION metadata's URLs into img2dataset-layout shards (curate --mode urls scores too)"),
+    "report": (report, "write OUTPUT/report.html: funnel, score histograms with thresholds, sample grids"),
+    "inspect": (inspect, "print a shard's samples and scores as a table; write one sample's image out"),
     "sample-data": (sample_data, "write a deterministic LAION-style sample dataset"),
     "tiny-models": (tiny_models, "build tiny random models (open_clip config + weights, heads) for offline runs"),
+    "generate": (generate, "bulk text-to-image with Stable Diffusion from a prompt table, reproducible per seed"),
+    "augment": (augment, "img2img variants of a webdataset's images (SDEdit), for training-set preparation"),
     "demo": (demo, "sample data + tiny models + curate, end to end, into ./demo-output"),
+    "submit": (submit, "run a job on a Ray cluster through Ray's job API; stream its logs, exit with its status"),
+    "jobs": (submit.jobs_command, "list, inspect, follow or stop jobs on a Ray cluster"),
 }
 
 

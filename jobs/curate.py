@@ -25,6 +25,10 @@ FLAG_KEYS = {
     "aesthetic_head": "aesthetic_head", "watermark_head": "watermark_head", "nsfw_head": "nsfw_head",
     "preset": "preset", "batch_size": "batch_size", "device": "device", "num_actors": "num_actors",
     "actor_cpus": "actor_cpus", "address": "address", "max_image_pixels": "max_image_pixels",
+    # --mode urls (see add_fetch_arguments)
+    "urls_per_shard": "urls_per_shard", "fetch_threads": "fetch_threads", "fetch_timeout": "fetch_timeout",
+    "fetch_deadline": "fetch_deadline", "fetch_retries": "fetch_retries", "fetch_max_bytes": "fetch_max_bytes",
+    "fetch_max_redirects": "fetch_max_redirects", "user_agent": "user_agent", "resize_max_side": "resize_max_side",
 }
 
 
@@ -32,7 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", help="input shards or metadata parquet (fsspec URL, glob, {a,b} patterns)")
     p.add_argument("output", help="output folder (fsspec URL)")
     p.add_argument("--config", metavar="FILE", help="YAML config; flags given here override its keys")
-    p.add_argument("--mode", choices=["auto", "images", "metadata"], help="default auto: .tar -> images, .parquet -> metadata")
+    p.add_argument("--mode", choices=["auto", "images", "metadata", "urls"],
+                   help="default auto: .tar -> images, .parquet -> metadata; urls: fetch the URLs of LAION "
+                        "metadata parquet, then score the images (see the fetch options)")
     p.add_argument("--clip-model", help="open_clip model name, or a path to an open_clip JSON config "
                                         "(default ViT-L-14-quickgelu, which the LAION heads need)")
     p.add_argument("--clip-pretrained", help="pretrained tag (default openai) or a local/fsspec checkpoint path")
@@ -52,9 +58,38 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-image-pixels", type=int, help="refuse images declaring more pixels (decompression bombs)")
     p.add_argument("--exif-transpose", action="store_true", help="rotate images as EXIF says before scoring "
                                                                  "(default: score as stored, like preprocess(Image.open(f)))")
+    p.add_argument("--detect-generated", action="store_true",
+                   help="report images carrying shardsmith generate's invisible watermark (a `generated` column)")
     p.add_argument("--address", help="Ray cluster address (default: a local Ray, or RAY_ADDRESS)")
     p.add_argument("--overwrite", action="store_true", help="redo everything in OUTPUT (the only way to redo committed shards)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--no-report", action="store_true", help="do not write OUTPUT/report.html at the end "
+                                                            "(`shardsmith report OUTPUT` writes it later)")
+    add_fetch_arguments(p)
+
+
+def add_fetch_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of --mode urls (and of `shardsmith download`)."""
+    g = p.add_argument_group("fetching URLs (--mode urls)")
+    g.add_argument("--urls-per-shard", type=int, metavar="N",
+                   help="metadata rows per download shard, the unit of fetch/commit/retry (default 10000)")
+    g.add_argument("--fetch-threads", type=int, metavar="N", help="concurrent fetches per download task (default 16)")
+    g.add_argument("--fetch-timeout", type=float, metavar="S", help="connect and read timeout, seconds (default 10)")
+    g.add_argument("--fetch-deadline", type=float, metavar="S",
+                   help="whole request incl. body, seconds, per attempt (default 60)")
+    g.add_argument("--fetch-retries", type=int, metavar="N",
+                   help="extra attempts after a connection error, 5xx or 429, with backoff (default 2)")
+    g.add_argument("--fetch-max-bytes", type=int, metavar="N", help="larger bodies are cut: too_large (default 32 MiB)")
+    g.add_argument("--fetch-max-redirects", type=int, metavar="N", help="redirects followed (default 5)")
+    g.add_argument("--user-agent", help="User-Agent header; name your project and a contact URL "
+                                        "(default: shardsmith/VERSION and the project URL)")
+    g.add_argument("--resize-max-side", type=int, metavar="N",
+                   help="downscale images larger than N px at download time (original size kept in the metadata)")
+    g.add_argument("--retry-failed", action="store_true",
+                   help="re-fetch only the rows an earlier run into OUTPUT failed with a retryable kind "
+                        "(--retry-kinds), keep the rest, and rewrite those shards")
+    g.add_argument("--retry-kinds", metavar="K1,K2",
+                   help="error kinds --retry-failed retries (default timeout,connection_error,http_5xx,http_429)")
 
 
 def config_from_args(args: argparse.Namespace) -> CurateConfig:
@@ -74,14 +109,36 @@ def config_from_args(args: argparse.Namespace) -> CurateConfig:
         cfg.embeddings = True
     if args.exif_transpose:
         cfg.exif_transpose = True
+    if args.detect_generated:
+        cfg.detect_generated = True
     if args.overwrite:
         cfg.overwrite = True
     if args.quiet:
         cfg.progress = False
+    if args.no_report:
+        cfg.report = False
+    if getattr(args, "retry_failed", False):
+        cfg.retry_failed = True
+    if getattr(args, "retry_kinds", None):
+        cfg.retry_kinds = [k.strip() for k in args.retry_kinds.split(",") if k.strip()]
     if cfg.preset == "none":
         cfg.preset = None
     cfg.validate()
     return cfg
+
+
+def committed_note(output: str) -> str:
+    """What an interrupted run leaves: the committed shards, from the ledger."""
+    from pipelines.ledger import Ledger, OutputLayout
+
+    try:
+        done = sorted(Ledger(OutputLayout(output)).committed())
+    except Exception:
+        return "Could not read the ledger."
+    if not done:
+        return "No shard was committed yet."
+    shown = ", ".join(done[:10]) + (" ..." if len(done) > 10 else "")
+    return f"{len(done)} shard(s) are committed in {output} ({shown})."
 
 
 def run(args: argparse.Namespace) -> int:
@@ -96,8 +153,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"shardsmith curate: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\nshardsmith curate: interrupted. Committed shards are kept (see OUTPUT/_ledger/); "
-              "rerun the same command to resume.", file=sys.stderr)
+        print(f"\nshardsmith curate: interrupted. {committed_note(args.output)} Rerun the same command to "
+              "resume: committed shards are skipped, the others are redone.", file=sys.stderr)
         return 130
     return 0
 

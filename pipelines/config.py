@@ -16,6 +16,7 @@ from filters.clip import DEFAULT_MODEL, DEFAULT_PRETRAINED
 from filters.presets import preset_rules
 from filters.rules import RuleError, RuleSet
 from pipelines import fs as fsutil
+from pipelines.fetch import OPT_OUT_DIRECTIVES, RETRYABLE_KINDS
 
 
 class ConfigError(ValueError):
@@ -26,7 +27,7 @@ class ConfigError(ValueError):
 class CurateConfig:
     input: str = ""
     output: str = ""
-    mode: str = "auto"  # auto | images | metadata
+    mode: str = "auto"  # auto | images | metadata | urls
     clip_model: str = DEFAULT_MODEL
     clip_pretrained: str | None = DEFAULT_PRETRAINED
     aesthetic_head: str | None = None
@@ -43,9 +44,24 @@ class CurateConfig:
     actor_cpus: float = 0.0  # 0 = auto
     max_image_pixels: int = 178_956_970
     exif_transpose: bool = False
+    detect_generated: bool = False  # look for shardsmith's invisible watermark: `generated` column
     address: str | None = None  # Ray address; None = a local Ray
     overwrite: bool = False
     progress: bool = True
+    report: bool = True  # write OUTPUT/report.html at the end; does not change the data outputs
+    # mode urls: fetch the URLs of LAION metadata (pipelines/download.py, pipelines/fetch.py)
+    urls_per_shard: int = 10_000  # metadata rows per download shard: the unit of fetch, commit and retry
+    fetch_threads: int = 16  # concurrent fetches per download task
+    fetch_timeout: float = 10.0  # seconds, for the connection and for each read
+    fetch_deadline: float = 60.0  # seconds for a whole request, body included (per attempt)
+    fetch_retries: int = 2  # extra attempts after a connection error, 5xx or 429 (backoff, Retry-After)
+    fetch_max_bytes: int = 33_554_432  # a larger body is cut: too_large
+    fetch_max_redirects: int = 5
+    user_agent: str = ""  # "" = shardsmith/VERSION (+project URL); name your project and a contact
+    opt_out_directives: list[str] = field(default_factory=lambda: list(OPT_OUT_DIRECTIVES))  # X-Robots-Tag
+    resize_max_side: int = 0  # downscale larger images at download time (0 = store as downloaded)
+    retry_failed: bool = False  # re-fetch the earlier failures of retry_kinds, keep everything else
+    retry_kinds: list[str] = field(default_factory=lambda: list(RETRYABLE_KINDS))
 
     def all_rules(self) -> list[str]:
         return (preset_rules(self.preset) if self.preset else []) + list(self.rules)
@@ -63,7 +79,9 @@ class CurateConfig:
     def fingerprint(self) -> dict:
         """What decides the outputs: a rerun into the same OUTPUT must match it to resume."""
         keys = ("mode", "clip_model", "clip_pretrained", "aesthetic_head", "watermark_head", "nsfw_head",
-                "similarity", "embeddings", "max_image_pixels", "exif_transpose")
+                "similarity", "embeddings", "max_image_pixels", "exif_transpose", "detect_generated")
+        if self.mode == "urls":  # the fetch settings that change what is stored (timeouts do not)
+            keys += ("urls_per_shard", "resize_max_side", "opt_out_directives")
         return {"rules": self.all_rules(), **{k: getattr(self, k) for k in keys}}
 
     def validate(self) -> None:
@@ -71,8 +89,9 @@ class CurateConfig:
             raise ConfigError("input: an input path or URL is required")
         if not self.output:
             raise ConfigError("output: an output path or URL is required")
-        if self.mode not in ("auto", "images", "metadata"):
-            raise ConfigError(f"mode: {self.mode!r} is not one of auto, images, metadata")
+        if self.mode not in ("auto", "images", "metadata", "urls"):
+            raise ConfigError(f"mode: {self.mode!r} is not one of auto, images, metadata, urls")
+        self.validate_fetch()
         for key in ("batch_size", "decode_batch_size", "max_image_pixels"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
@@ -81,6 +100,32 @@ class CurateConfig:
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"device: {self.device!r} is not one of auto, cpu, cuda, cuda:N")
         self.ruleset()
+
+
+    def validate_fetch(self) -> None:
+        """The ``mode: urls`` keys (also checked in other modes, where the ones that would be
+        silently ignored are refused)."""
+        from pipelines.fetch import is_fetch_error_kind
+
+        if self.mode != "urls":
+            for key, default in (("retry_failed", False), ("resize_max_side", 0)):
+                if getattr(self, key) != default:
+                    raise ConfigError(f"{key}: only applies to mode urls (--mode urls: fetch the URLs of "
+                                      "LAION metadata parquet)")
+        for key, lo, hi in (("urls_per_shard", 1, 10_000_000), ("fetch_threads", 1, 256), ("fetch_retries", 0, 10),
+                            ("fetch_max_bytes", 1, 2 ** 40), ("fetch_max_redirects", 0, 50),
+                            ("resize_max_side", 0, 65_535)):
+            if not lo <= getattr(self, key) <= hi:
+                raise ConfigError(f"{key}: must be in [{lo}, {hi}], got {getattr(self, key)}")
+        for key in ("fetch_timeout", "fetch_deadline"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"{key}: must be > 0 seconds, got {getattr(self, key)}")
+        bad = [k for k in self.retry_kinds if not is_fetch_error_kind(k)]
+        if bad:
+            raise ConfigError(f"retry_kinds: {bad[0]!r} is not a fetch error kind (e.g. timeout, connection_error, "
+                              "http_5xx, http_429, http_404, too_large, not_an_image)")
+        if "opted_out" in self.retry_kinds:
+            raise ConfigError("retry_kinds: opted_out is never retried (the site asked not to be used)")
 
 
 def _check_type(key: str, value, annotation) -> object:

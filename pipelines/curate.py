@@ -34,12 +34,21 @@ from pipelines.shards import InputShard
 READ_BATCH = 64
 
 
+def text(v) -> str | None:
+    """A string cell of a Ray batch, or None. Ray turns an object column holding only None into a
+    null-typed Arrow column, which the next stage sees as float NaN: never test ``is None``."""
+    return v if isinstance(v, str) else None
+
+
 def read_shard_rows(batch: dict) -> "Iterator[dict]":  # noqa: F821
     """Ray Data UDF: one input row per shard -> batches of samples (bytes), then a sentinel."""
-    for name, url in zip(batch["shard"], batch["url"]):
+    limits = batch["limit"] if "limit" in batch else [0] * len(batch["shard"])
+    for name, url, limit in zip(batch["shard"], batch["url"], limits):
         buf: list = []
         count = 0
         for s in iter_tar_samples(str(url)):
+            if limit and count >= limit:
+                break
             count += 1
             url_field = None
             if "json" in s.members:
@@ -73,25 +82,28 @@ def _sample_batch(shard: str, rows: list, count: int) -> dict:
 
 
 def decode_batch(batch: dict, pixel_transform, image_size: tuple[int, int], max_pixels: int,
-                 exif_transpose: bool) -> dict:
+                 exif_transpose: bool, detect_generated: bool = False) -> dict:
     """Ray Data UDF (CPU tasks): image bytes -> model-size uint8 pixels + original size."""
     n = len(batch["row"])
     pixels = np.zeros((n, *image_size, 3), dtype=np.uint8)
     width = np.full(n, -1, dtype=np.int64)
     height = np.full(n, -1, dtype=np.int64)
+    generated = np.full(n, -1, dtype=np.int8)  # -1 = not known
     kinds = list(batch["error_kind"])
     errors = list(batch["error"])
     for i in range(n):
-        if batch["row"][i] == SENTINEL or kinds[i] is not None:
+        if batch["row"][i] == SENTINEL or text(kinds[i]) is not None:
             continue
         try:
-            d = decode(batch["image"][i], pixel_transform, max_pixels, exif_transpose)
+            d = decode(batch["image"][i], pixel_transform, max_pixels, exif_transpose, detect_generated)
         except DecodeError as e:
             kinds[i], errors[i] = e.kind, e.message
             continue
         pixels[i], width[i], height[i] = d.pixels, d.width, d.height
+        if d.generated is not None:
+            generated[i] = int(d.generated)
     out = {k: v for k, v in batch.items() if k != "image"}
-    out.update(pixels=pixels, original_width=width, original_height=height,
+    out.update(pixels=pixels, original_width=width, original_height=height, generated=generated,
                error_kind=np.array(kinds, dtype=object), error=np.array(errors, dtype=object))
     return out
 
@@ -106,11 +118,16 @@ class ScoreStage:
         self.scorer = Scorer(spec, device=device)
         self.batch_size = batch_size
         self.keep_embeddings = keep_embeddings
-        self.node_id = _node_id()
+        from pipelines.runtime import node_id
+
+        self.node_id = node_id()
+        # One id per actor process: a restarted actor (after a crash) shows up as a new one.
+        self.instance = f"{self.node_id[:12]}-{os.getpid()}"
 
     def __call__(self, batch: dict) -> dict:
         n = len(batch["row"])
-        ok = np.array([batch["row"][i] != SENTINEL and batch["error_kind"][i] is None for i in range(n)], dtype=bool)
+        ok = np.array([batch["row"][i] != SENTINEL and text(batch["error_kind"][i]) is None for i in range(n)],
+                      dtype=bool)
         scores = {name: np.full(n, np.nan, dtype=np.float32) for name in ("aesthetic", "pwatermark", "punsafe", "similarity")}
         emb = None
         if ok.any():
@@ -129,6 +146,7 @@ class ScoreStage:
             if name not in computed:
                 out[name] = np.full(n, np.nan, dtype=np.float32)
         out["node_id"] = np.array([self.node_id] * n, dtype=object)
+        out["scorer"] = np.array([self.instance] * n, dtype=object)
         if self.keep_embeddings:
             if emb is None:
                 emb = np.zeros((n, self.scorer.embedder.embed_dim), dtype=np.float16)
@@ -136,31 +154,27 @@ class ScoreStage:
         return out
 
 
-def _node_id() -> str:
-    try:
-        import ray
-
-        return ray.get_runtime_context().get_node_id()
-    except Exception:
-        return "local"
-
-
 def build_dataset(shards: list[InputShard], cfg: CurateConfig, spec: ScorerSpec, pixel_transform,
-                  image_size: tuple[int, int], plan):
+                  image_size: tuple[int, int], plan, read_fn=None, read_kwargs: dict | None = None):
+    """``read_fn`` replaces the tar reader (urls mode: download, then read the downloaded tar)."""
     import ray
     from ray.data import ActorPoolStrategy
 
     items = [{"shard": s.name, "url": s.url} for s in shards]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-    ds = ds.map_batches(read_shard_rows, batch_size=1, num_cpus=plan.read_cpus, zero_copy_batch=True)
+    ds = ds.map_batches(read_fn or read_shard_rows, fn_kwargs=read_kwargs, batch_size=1, num_cpus=plan.read_cpus,
+                        zero_copy_batch=True)
     ds = ds.map_batches(decode_batch, fn_kwargs={"pixel_transform": pixel_transform, "image_size": image_size,
                                                  "max_pixels": cfg.max_image_pixels,
-                                                 "exif_transpose": cfg.exif_transpose},
+                                                 "exif_transpose": cfg.exif_transpose,
+                                                 "detect_generated": cfg.detect_generated},
                         batch_size=cfg.decode_batch_size, num_cpus=plan.decode_cpus)
     ds = ds.map_batches(
         ScoreStage,
         fn_constructor_args=(spec, plan.device, plan.torch_threads, cfg.embeddings, cfg.batch_size),
-        compute=ActorPoolStrategy(min_size=1, max_size=plan.num_actors),
+        # Start the whole pool at once: Ray Data spreads the actors over the nodes, and a pool that
+        # starts at one actor only grows under backpressure, which a small run never builds.
+        compute=ActorPoolStrategy(min_size=1, max_size=plan.num_actors, initial_size=plan.num_actors),
         batch_size=cfg.batch_size,
         num_cpus=plan.actor_cpus,
         num_gpus=plan.actor_gpus,
@@ -169,23 +183,28 @@ def build_dataset(shards: list[InputShard], cfg: CurateConfig, spec: ScorerSpec,
 
 
 RESULT_COLUMNS = ["row", "key", "caption", "url", "error_kind", "error", "aesthetic", "pwatermark",
-                  "punsafe", "similarity", "original_width", "original_height"]
+                  "punsafe", "similarity", "original_width", "original_height", "generated"]
 
 
-def shard_results(t: pa.Table | None, embed_dim: int) -> tuple[pa.Table, np.ndarray | None, list[str]]:
+def shard_results(t: pa.Table | None, embed_dim: int) -> tuple[pa.Table, np.ndarray | None, list[str], list[str]]:
     """A complete shard's rows (sentinel removed, in row order) -> results table, embeddings, nodes."""
     if t is None:  # an empty shard
         t = pa.table({"row": pa.array([], pa.int64()), **{c: pa.array([], pa.string()) for c in
                       ("key", "caption", "url", "error_kind", "error", "node_id")},
                       **{c: pa.array([], pa.float32()) for c in ("aesthetic", "pwatermark", "punsafe", "similarity")},
-                      **{c: pa.array([], pa.int64()) for c in ("original_width", "original_height")}})
+                      **{c: pa.array([], pa.int64()) for c in ("original_width", "original_height")},
+                      "generated": pa.array([], pa.int8())})
     emb = None
     if "embedding" in t.column_names:
         emb = np.stack(t.column("embedding").to_numpy(zero_copy_only=False))
     elif t.num_rows == 0:
         emb = np.zeros((0, embed_dim), np.float16)
-    nodes = sorted({n for n in t.column("node_id").to_pylist() if n}) if "node_id" in t.column_names else []
+    nodes = sorted({n for n in t.column("node_id").to_pylist() if text(n)}) if "node_id" in t.column_names else []
+    scorers = sorted({n for n in t.column("scorer").to_pylist() if text(n)}) if "scorer" in t.column_names else []
     res = t.select([c for c in RESULT_COLUMNS if c in t.column_names])
+    for c in ("key", "caption", "url", "error_kind", "error"):
+        res = res.set_column(res.column_names.index(c), c, pa.array([text(v) for v in res.column(c).to_pylist()],
+                                                                    pa.string()))
     # -1 means "no size" (the image was not decoded), NaN "no score": both are nulls on disk
     for c in ("original_width", "original_height"):
         col = res.column(c)
@@ -193,7 +212,10 @@ def shard_results(t: pa.Table | None, embed_dim: int) -> tuple[pa.Table, np.ndar
     for c in ("aesthetic", "pwatermark", "punsafe", "similarity"):
         col = res.column(c)
         res = res.set_column(res.column_names.index(c), c, pc.if_else(pc.is_nan(col), pa.scalar(None, col.type), col))
-    return res, emb, nodes
+    g = res.column("generated")
+    res = res.set_column(res.column_names.index("generated"), "generated",
+                         pc.if_else(pc.less(g, 0), pa.scalar(None, pa.bool_()), pc.cast(g, pa.bool_())))
+    return res, emb, nodes, scorers
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,7 +223,7 @@ def shard_results(t: pa.Table | None, embed_dim: int) -> tuple[pa.Table, np.ndar
 # ---------------------------------------------------------------------------------------------
 
 OUTPUT_PARTS = ("scores", "curated", "img_emb", "metadata", "_ledger", "_tmp", "manifest.json", "stats.json",
-                "report.html", "report")
+                "report.html", "report", "downloaded")
 
 
 def prepare_output(cfg: CurateConfig, layout, shards: list[InputShard], mode: str, models: dict) -> dict:
@@ -216,7 +238,7 @@ def prepare_output(cfg: CurateConfig, layout, shards: list[InputShard], mode: st
 def check_rules_against_scores(cfg: CurateConfig, mode: str, spec: ScorerSpec) -> None:
     from pipelines.config import ConfigError
 
-    if mode != "images":
+    if mode not in ("images", "urls"):
         return
     computed = set(spec.computed())
     flag = {"aesthetic": "--aesthetic-head", "pwatermark": "--watermark-head", "punsafe": "--nsfw-head",
@@ -243,14 +265,19 @@ def run_curate(cfg: CurateConfig, log=print) -> dict:
     cfg.validate()
     rules = cfg.ruleset()
     needs = rules.needs()
-    mode, shards = plan_shards(cfg.input, cfg.mode, required_columns=needs)
+    if cfg.mode == "urls":  # LAION metadata -> fetched images -> the images pipeline
+        from pipelines.download import plan_url_shards
+
+        mode, shards = "urls", plan_url_shards(cfg.input, cfg.urls_per_shard)
+    else:
+        mode, shards = plan_shards(cfg.input, cfg.mode, required_columns=needs)
     spec = ScorerSpec(ClipSpec(cfg.clip_model, cfg.clip_pretrained), cfg.heads(), similarity=cfg.similarity)
     check_rules_against_scores(cfg, mode, spec)
     layout = OutputLayout(cfg.output)
 
     scorer = None
     models: dict = {}
-    if mode == "images":
+    if mode in ("images", "urls"):
         # Load everything once here, so that a bad model or head fails before any work starts.
         scorer = Scorer(spec, device="cpu")
         models = {"clip_model": cfg.clip_model, "clip_pretrained": cfg.clip_pretrained,
@@ -262,9 +289,15 @@ def run_curate(cfg: CurateConfig, log=print) -> dict:
     ledger = Ledger(layout)
     ledger.clean_tmp()
     committed = ledger.committed()
-    todo = [s for s in shards if s.name not in committed]
+    retry = []
+    if mode == "urls" and cfg.retry_failed:  # committed shards with failures to fetch again
+        from pipelines.download import shards_to_retry
+
+        retry = shards_to_retry(committed, [s.name for s in shards], cfg.retry_kinds, layout)
+    todo = [s for s in shards if s.name not in committed or s.name in retry]
     log(f"shardsmith curate: {len(shards)} shard(s) in {cfg.input} ({mode} mode); "
-        f"{len(shards) - len(todo)} already committed, {len(todo)} to do")
+        f"{len(shards) - len(todo)} already committed, {len(todo)} to do"
+        + (f" ({len(retry)} committed with failures to retry: {', '.join(cfg.retry_kinds)})" if retry else ""))
     log(f"rules: {', '.join(rules.names) or '(none: keep every readable row)'}")
     if models.get("not_computed"):
         log(f"not computed (no weights given, column left null): {', '.join(models['not_computed'])}")
@@ -273,6 +306,10 @@ def run_curate(cfg: CurateConfig, log=print) -> dict:
         with ray_session(cfg.address):
             if mode == "images":
                 _run_images(cfg, todo, rules, spec, scorer, layout, log)
+            elif mode == "urls":
+                from pipelines.download import url_stage
+
+                _run_images(cfg, todo, rules, spec, scorer, layout, log, **url_stage(cfg, todo, rules, layout))
             else:
                 _run_metadata(cfg, todo, rules, layout, filter_metadata_shard, log)
     scorer = None
@@ -281,6 +318,12 @@ def run_curate(cfg: CurateConfig, log=print) -> dict:
     if missing:
         raise RunError(f"{len(missing)} shard(s) were not committed: {', '.join(missing[:10])}; rerun to resume")
     stats = aggregate({s.name: entries[s.name] for s in shards})
+    if mode == "images":
+        stats["duplicate_keys_across_shards"] = duplicate_keys_across_shards(layout, [s.name for s in shards])
+        dup = stats["duplicate_keys_across_shards"]
+        if dup["count"]:
+            log(f"warning: {dup['count']} key(s) appear in more than one shard, e.g. {dup['examples'][:3]} "
+                "(each shard's rows are still accounted for; see stats.json duplicate_keys_across_shards)")
     stats["mode"] = mode
     stats["rules"] = rules.names
     stats["scores_computed"] = models.get("computed", [])
@@ -295,10 +338,17 @@ def run_curate(cfg: CurateConfig, log=print) -> dict:
         notes.append(f"\nnot computed (null columns): {', '.join(stats['scores_not_computed'])}")
     notes.append(f"\noutputs in {cfg.output}: scores/, curated/, stats.json, manifest.json")
     log(summary(stats, f"\ncurate summary ({mode} mode, {stats['shards_committed']} shards)", notes))
+    if cfg.report:
+        from pipelines.report import report_after_run
+
+        report_after_run(cfg.output, log=log)  # a failure is a warning: the data is committed
     return stats
 
 
-def _run_images(cfg, todo, rules, spec, scorer, layout, log) -> None:
+def _run_images(cfg, todo, rules, spec, scorer, layout, log, read_fn=None, read_kwargs=None,
+                write_shards: dict | None = None) -> None:
+    """The images dataflow; urls mode passes its download-and-read stage (``read_fn``) and the
+    downloaded shards the writer reads (``write_shards``, by name)."""
     import ray
 
     from pipelines.progress import Progress
@@ -312,17 +362,37 @@ def _run_images(cfg, todo, rules, spec, scorer, layout, log) -> None:
     pixel_transform, image_size = scorer.pixel_transform, scorer.embedder.image_size
     total = _expected_rows(todo)
     progress = Progress("curate", total, len(todo), enabled=cfg.progress)
-    ds = build_dataset(todo, cfg, spec, pixel_transform, image_size, plan)
-    by_name = {s.name: s for s in todo}
+    ds = build_dataset(todo, cfg, spec, pixel_transform, image_size, plan, read_fn, read_kwargs)
+    by_name = write_shards or {s.name: s for s in todo}
     writer = ray.remote(num_cpus=plan.write_cpus, max_retries=3)(write_image_shard)
 
     def submit(name: str, rows: pa.Table | None):
-        table, emb, nodes = shard_results(rows, embed_dim=scorer.embedder.embed_dim)
+        table, emb, nodes, scorers = shard_results(rows, embed_dim=scorer.embedder.embed_dim)
         return writer.remote(by_name[name], table, rules, cfg.output, emb if cfg.embeddings else None,
-                             {"node_ids": nodes})
+                             {"node_ids": nodes, "scored_by": scorers})
 
     drive(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2), ShardCollector(),
           submit, progress)
+
+
+def duplicate_keys_across_shards(layout, names: list[str], examples: int = 20) -> dict:
+    """Keys found in more than one shard's scores (within a shard, a repeated key is already an
+    error row); reading the key columns only."""
+    import pyarrow.parquet as pq
+
+    first: dict[str, str] = {}
+    dups: dict[str, list[str]] = {}
+    for name in names:
+        with fsutil.open_file(layout.path("scores", f"{name}.parquet")) as f:
+            keys = pq.read_table(f, columns=["key", "reason"])
+        for k, reason in zip(keys.column("key").to_pylist(), keys.column("reason").to_pylist()):
+            if reason == "duplicate_key" or k is None:
+                continue
+            if k in first and first[k] != name:
+                dups.setdefault(k, [first[k]]).append(name)
+            first.setdefault(k, name)
+    ex = [{"key": k, "shards": v} for k, v in list(dups.items())[:examples]]
+    return {"count": len(dups), "examples": ex}
 
 
 def _expected_rows(shards: list[InputShard]) -> int | None:

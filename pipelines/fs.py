@@ -59,18 +59,30 @@ def expand(pattern: str) -> list[str]:
     return out
 
 
+def fresh_fs(url: str):
+    """(filesystem, path) with the filesystem's listing cache for ``path`` dropped.
+
+    Object-store filesystems (s3fs, gcsfs) cache directory listings per process, forever by
+    default; the files of a run are written by other processes (Ray tasks), so a listing the driver
+    cached earlier would hide them (a resumed run on s3:// then saw its new ledger entries as
+    missing)."""
+    fs, path = url_to_fs(url)
+    fs.invalidate_cache(path)
+    return fs, path
+
+
 def list_files(directory: str, suffixes: tuple[str, ...]) -> list[str]:
-    fs, path = url_to_fs(directory)
+    fs, path = fresh_fs(directory)
     return [unstrip(fs, p) for p in sorted(fs.ls(path, detail=False)) if p.endswith(suffixes)]
 
 
 def exists(url: str) -> bool:
-    fs, path = url_to_fs(url)
+    fs, path = fresh_fs(url)
     return fs.exists(path)
 
 
 def isdir(url: str) -> bool:
-    fs, path = url_to_fs(url)
+    fs, path = fresh_fs(url)
     return fs.isdir(path)
 
 

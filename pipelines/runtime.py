@@ -52,7 +52,7 @@ class ResourcePlan:
     write_cpus: float
 
     def describe(self) -> str:
-        return (f"{self.num_actors} scoring actor(s) on {self.device} "
+        return (f"{self.num_actors} model actor(s) on {self.device} "
                 f"({self.actor_cpus:g} CPU, {self.actor_gpus:g} GPU, {self.torch_threads} torch threads each)")
 
 
@@ -78,3 +78,13 @@ def cluster_resources() -> tuple[float, float]:
 
     res = ray.cluster_resources()
     return float(res.get("CPU", 1.0)), float(res.get("GPU", 0.0))
+
+
+def node_id() -> str:
+    """The Ray node this process runs on (recorded in the stats to show where work ran)."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:
+        return "local"

@@ -58,14 +58,27 @@ def split_inputs(spec: str) -> list[str]:
 def find_inputs(spec: str) -> list[str]:
     urls: list[str] = []
     for part in split_inputs(spec):
-        if fsutil.isdir(part):
-            files = fsutil.list_files(part, (".tar", ".parquet"))
-            tars = [f for f in files if f.endswith(".tar")]
-            urls.extend(tars if tars else files)
-        else:
-            found = fsutil.expand(part)
-            urls.extend(found)
+        try:
+            if fsutil.isdir(part):
+                files = fsutil.list_files(part, (".tar", ".parquet"))
+                tars = [f for f in files if f.endswith(".tar")]
+                urls.extend(tars if tars else files)
+            else:
+                found = fsutil.expand(part)
+                urls.extend(found)
+        except (InputError, FileNotFoundError):
+            raise
+        except Exception as e:  # no credentials, access denied, endpoint unreachable...
+            raise InputError(f"{part}: cannot list input: {type(e).__name__}: {e}{_access_hint(part)}") from e
     return urls
+
+
+def _access_hint(url: str) -> str:
+    """Where object-store access comes from, for the error message (never the values)."""
+    if url.startswith(("s3://", "s3a://")):
+        return (" (s3:// credentials come from the environment: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+                "AWS_PROFILE or the instance role; a custom endpoint from AWS_ENDPOINT_URL_S3)")
+    return ""
 
 
 def _check_tar_header(url: str) -> int:

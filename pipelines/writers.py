@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 
 from filters.rules import SCORE_FIELDS, RuleSet
 from pipelines import fs as fsutil
+from pipelines.img2dataset import merge_index_rows, original_sizes_from_index
 from pipelines.ledger import Ledger, OutputLayout, shard_stats
 from pipelines.readers import iter_tar_samples, read_index_parquet
 from pipelines.shards import InputShard
@@ -34,6 +35,7 @@ SCORES_SCHEMA = pa.schema([
     ("original_height", pa.int64()),
     ("caption", pa.string()),
     ("url", pa.string()),
+    ("generated", pa.bool_()),  # shardsmith's invisible watermark found (null: not looked for)
 ])
 
 
@@ -48,8 +50,9 @@ def decide(table: pa.Table, rules: RuleSet) -> pa.Table:
     ``table`` has the SCORES_SCHEMA columns except status/reason, plus ``error_kind`` set for rows
     that failed before scoring (unreadable image, missing member...)."""
     table = table.sort_by("row")
-    kinds = table.column("error_kind").to_pylist()
-    errors = table.column("error").to_pylist()
+    # An all-None object column can reach us as nulls or as NaN floats: only strings are errors.
+    kinds = [k if isinstance(k, str) else None for k in table.column("error_kind").to_pylist()]
+    errors = [e if isinstance(e, str) else None for e in table.column("error").to_pylist()]
     status = ["error" if k else "kept" for k in kinds]
     decision = rules.apply(table, status=status, reason=list(kinds), error=errors)
     cols = {name: table.column(name) if name in table.column_names else pa.nulls(table.num_rows, t)
@@ -105,25 +108,31 @@ def curated_index(scores: pa.Table, index: pa.Table | None) -> pa.Table:
 
 def write_image_shard(shard: InputShard, results: pa.Table, rules: RuleSet, out_root: str,
                       embeddings: np.ndarray | None = None, extra: dict | None = None) -> dict:
-    """Decide, write and commit one image shard; returns its ledger entry."""
+    """Decide, write and commit one image shard; returns its ledger entry.
+
+    With an img2dataset index, its rows that have no sample (failed downloads, rows skipped by the
+    metadata rules) are added as error/dropped rows, and resized samples are judged on their
+    original size (``pipelines.img2dataset``)."""
     layout = OutputLayout(out_root)
     tmp = layout.tmp_dir
-    scores = decide(results, rules)
+    index = read_index_parquet(shard.index_url) if shard.index_url else None
+    sampled = decide(original_sizes_from_index(results, index), rules)  # the tar's samples, tar row numbers
+    scores = merge_index_rows(sampled, index)
     status = scores.column("status").to_pylist()
     reason = scores.column("reason").to_pylist()
     stats = shard_stats(status, reason)
-    kept_rows = {r for r, s in zip(scores.column("row").to_pylist(), status) if s == "kept"}
+    kept_rows = {r for r, s in zip(sampled.column("row").to_pylist(), sampled.column("status").to_pylist())
+                 if s == "kept"}
     write_parquet(layout.path("scores", f"{shard.name}.parquet"), scores, tmp)
-    index = read_index_parquet(shard.index_url) if shard.index_url else None
     n = write_curated_tar(shard, kept_rows, layout.path("curated", f"{shard.name}.tar"), tmp)
     assert n == stats["kept"], (n, stats)
     write_parquet(layout.path("curated", f"{shard.name}.parquet"), curated_index(scores, index), tmp)
     outputs = [f"scores/{shard.name}.parquet", f"curated/{shard.name}.tar", f"curated/{shard.name}.parquet"]
     if embeddings is not None:
-        ok = np.array([s != "error" for s in status])
+        ok = np.array([s != "error" for s in sampled.column("status").to_pylist()], dtype=bool)
         with fsutil.atomic_write(layout.path("img_emb", f"img_emb_{shard.name}.npy"), tmp_dir=tmp) as f:
             np.save(f, embeddings[ok].astype(np.float16))
-        meta = scores.filter(pa.array(ok)).select(["key", "url", "caption", "status", *SCORE_FIELDS])
+        meta = sampled.filter(pa.array(ok)).select(["key", "url", "caption", "status", *SCORE_FIELDS])
         write_parquet(layout.path("metadata", f"metadata_{shard.name}.parquet"), meta, tmp)
         outputs += [f"img_emb/img_emb_{shard.name}.npy", f"metadata/metadata_{shard.name}.parquet"]
     entry = {**stats, "input": shard.url, "outputs": outputs, **(extra or {})}

@@ -1,0 +1,53 @@
+"""``shardsmith report OUTPUT``: write OUTPUT/report.html, one self-contained page showing what a run
+did to the data.
+
+For a curate run: the funnel (rows read -> kept, dropped by rule, errors by kind), the per-shard
+table, a histogram per score with the rules' thresholds on it, aesthetic vs watermark, and sample
+grids (best, worst, most watermarked, borderline around each threshold, errors) with key, caption
+and scores on every tile. For generate/augment outputs: the generated images with prompt, seed and
+parameters. Then config, models, versions and timings. Plots are also written to OUTPUT/report/
+as PNG. Thumbnails and plots are embedded, so the page works offline and when copied alone.
+`shardsmith curate` writes the report at its end unless --no-report.
+
+    python -m jobs.report OUTPUT      (the same as `shardsmith report`)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("output", help="the OUTPUT folder of a finished run (fsspec URL)")
+    p.add_argument("--per-grid", type=int, default=16, metavar="N",
+                   help="samples per grid (default 16; generated images: twice that)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipelines.report import ReportError, build_report
+
+    if args.per_grid < 1:
+        print("shardsmith report: error: --per-grid must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        url = build_report(args.output, per_grid=args.per_grid)
+    except ReportError as e:
+        print(f"shardsmith report: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # e.g. OUTPUT not writable
+        print(f"shardsmith report: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    print(f"report: {url}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m jobs.report", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

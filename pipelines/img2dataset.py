@@ -1,0 +1,163 @@
+"""img2dataset's parquet index beside a tar, read the way curate needs it.
+
+An img2dataset shard's ``NNNNN.parquet`` lists every input row it was given -- also the ones with
+no sample in the tar (``status`` ``failed_to_download``, ``failed_to_resize``, and shardsmith's own
+``skipped``, for rows the metadata rules rejected before any fetch). Those rows were read too, so
+they belong in the scores with a status: ``merge_index_rows`` adds them (errors with their kind, or
+dropped with the rule that skipped them), which keeps ``kept + dropped + errors == rows_read``
+true of the *input rows*, not only of the images that arrived.
+
+The index also knows the size an image had before a download-time resize
+(``original_width/height``); ``original_sizes_from_index`` puts it back, so that a rule such as
+``min_side >= 512`` judges the original image, as LAION's and Stable Diffusion's filters mean it.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+# The columns shardsmith's download step writes: img2dataset's own, then its additions.
+INDEX_SCHEMA = pa.schema([
+    ("key", pa.string()),
+    ("url", pa.string()),
+    ("caption", pa.string()),
+    ("status", pa.string()),  # success | skipped | failed_to_download
+    ("error_message", pa.string()),
+    ("width", pa.int64()),  # stored image, as displayed (EXIF orientation applied)
+    ("height", pa.int64()),
+    ("original_width", pa.int64()),  # before the download-time resize
+    ("original_height", pa.int64()),
+    ("exif", pa.string()),
+    ("sha256", pa.string()),  # of the bytes as downloaded
+    ("reason", pa.string()),  # shardsmith: error kind (failed) or rule (skipped)
+    ("http_status", pa.int64()),
+    ("attempts", pa.int64()),
+    ("source_row", pa.int64()),  # row of the metadata parquet this came from
+])
+META_KEY = b"shardsmith.download"
+
+_HTTP_CODE = re.compile(r"(?:HTTP Error |HTTP |status code )(\d{3})|\b(\d{3}) (?:Client|Server) Error", re.I)
+
+
+def failure_kind(status: str, message: str | None) -> str:
+    """An error kind for an index row that has no ``reason`` (img2dataset's own parquet): read
+    from its ``error_message`` where it is recognisable, else the status itself."""
+    msg = message or ""
+    m = _HTTP_CODE.search(msg)
+    if m:
+        code = int(m.group(1) or m.group(2))
+        return "http_5xx" if code >= 500 else f"http_{code}"
+    low = msg.lower()
+    if "timed out" in low or "timeout" in low:
+        return "timeout"
+    if "x-robots-tag" in low or "noai" in low:
+        return "opted_out"
+    if "cannot identify image" in low or "truncated" in low or "decod" in low:
+        return "not_an_image"
+    if any(w in low for w in ("connection", "refused", "reset", "name or service", "ssl", "certificate")):
+        return "connection_error"
+    return status or "failed_to_download"
+
+
+def _strings(table: pa.Table, name: str) -> list:
+    if name not in table.column_names:
+        return [None] * table.num_rows
+    return [None if v is None else str(v) for v in table.column(name).to_pylist()]
+
+
+def _ints(table: pa.Table, name: str) -> list:
+    if name not in table.column_names:
+        return [None] * table.num_rows
+    out = []
+    for v in table.column(name).to_pylist():
+        try:
+            out.append(None if v is None or v != v else int(v))
+        except (TypeError, ValueError):
+            out.append(None)
+    return out
+
+
+def original_sizes_from_index(results: pa.Table, index: pa.Table | None) -> pa.Table:
+    """Results whose decoded size is the index's stored ``width x height`` take the index's
+    ``original_width x original_height`` (the size before a download-time resize)."""
+    need = ("key", "width", "height", "original_width", "original_height")
+    if index is None or results.num_rows == 0 or any(c not in index.column_names for c in need):
+        return results
+    stored = {}
+    for k, w, h, ow, oh in zip(_strings(index, "key"), _ints(index, "width"), _ints(index, "height"),
+                               _ints(index, "original_width"), _ints(index, "original_height")):
+        if k is not None and None not in (w, h, ow, oh) and (w, h) != (ow, oh):
+            stored.setdefault(k, (w, h, ow, oh))
+    if not stored:
+        return results
+    widths = results.column("original_width").to_pylist()
+    heights = results.column("original_height").to_pylist()
+    changed = False
+    for i, k in enumerate(results.column("key").to_pylist()):
+        if k not in stored or widths[i] is None:
+            continue
+        w, h, ow, oh = stored[k]
+        if (widths[i], heights[i]) == (w, h):
+            widths[i], heights[i], changed = ow, oh, True
+        elif (widths[i], heights[i]) == (h, w):  # decoded with the other orientation convention
+            widths[i], heights[i], changed = oh, ow, True
+    if not changed:
+        return results
+    wt = results.schema.field("original_width").type
+    ht = results.schema.field("original_height").type
+    results = results.set_column(results.column_names.index("original_width"), "original_width", pa.array(widths, wt))
+    return results.set_column(results.column_names.index("original_height"), "original_height", pa.array(heights, ht))
+
+
+def merge_index_rows(scores: pa.Table, index: pa.Table | None) -> pa.Table:
+    """``scores`` (the tar's samples, decided) plus one row per index row that has no sample and
+    is not a success: ``skipped`` -> dropped with the recorded rule, any failure -> error with its
+    kind and message. Rows are numbered by index position when the index lists every sample's key
+    exactly once (img2dataset and shardsmith downloads: row = input row); otherwise the tar's
+    numbering is kept and the added rows come after it."""
+    if index is None or "key" not in index.column_names or "status" not in index.column_names:
+        return scores
+    keys = _strings(index, "key")
+    status = _strings(index, "status")
+    sample_keys = scores.column("key").to_pylist()
+    scored = set(sample_keys)
+    extra = [i for i, (k, s) in enumerate(zip(keys, status)) if k is not None and s != "success" and k not in scored]
+    if not extra:
+        return scores
+    messages, reasons = _strings(index, "error_message"), _strings(index, "reason")
+    widths, heights = _ints(index, "original_width"), _ints(index, "original_height")
+    captions, urls = _strings(index, "caption"), _strings(index, "url")
+    position = {k: i for i, k in enumerate(keys)}
+    by_index = (len(position) == len(keys) and None not in position and len(scored) == len(sample_keys)
+                and all(k in position for k in sample_keys))
+    n = scores.num_rows
+    new_status, new_reason, new_error = [], [], []
+    for i in extra:
+        if status[i] == "skipped":
+            new_status.append("dropped")
+            new_reason.append(reasons[i] or "skipped")
+            new_error.append(None)
+        else:
+            new_status.append("error")
+            new_reason.append(reasons[i] or failure_kind(status[i], messages[i]))
+            new_error.append(messages[i] or f"no sample: index status {status[i]!r}")
+    cols = {}
+    for f in scores.schema:
+        values = {
+            "key": [keys[i] for i in extra],
+            "row": extra if by_index else list(range(n, n + len(extra))),
+            "status": new_status, "reason": new_reason, "error": new_error,
+            "original_width": [widths[i] for i in extra], "original_height": [heights[i] for i in extra],
+            "caption": [captions[i] for i in extra], "url": [urls[i] for i in extra],
+        }.get(f.name)
+        cols[f.name] = pa.array(values, f.type) if values is not None else pa.nulls(len(extra), f.type)
+    added = pa.table(cols, schema=scores.schema)
+    if by_index:
+        rows = pa.array([position[k] for k in sample_keys], scores.schema.field("row").type)
+        scores = scores.set_column(scores.column_names.index("row"), "row", rows)
+    merged = pa.concat_tables([scores, added]).sort_by("row")
+    assert pc.count_distinct(merged.column("row")).as_py() == merged.num_rows, "row numbers must stay unique"
+    return merged
