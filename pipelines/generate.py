@@ -27,7 +27,7 @@ from pipelines import fs as fsutil
 from pipelines.collect import SENTINEL
 from pipelines.curate import text
 from pipelines.ledger import Ledger, OutputLayout, shard_stats, shardsmith_version
-from pipelines.prompts import Defaults, ImageTask, derive_seed
+from pipelines.prompts import Defaults, derive_seed
 
 OUTPUT_PARTS = ("_ledger", "_tmp", "manifest.json", "stats.json", "report.html", "report")
 
@@ -355,13 +355,25 @@ def _finish(layout, names: list[str], manifest: dict, t0: float, tool: str, log)
     return stats
 
 
+def _start(cfg: GenerateConfig, tool: str, models: dict, inputs: list, names: list[str]):
+    """Check/start the run manifest, clean what an interrupted run left; (layout, manifest, committed)."""
+    from pipelines.ledger import start_run
+
+    layout = OutputLayout(cfg.output)
+    parts = OUTPUT_PARTS + tuple(f"{n}.{e}" for n in names for e in ("tar", "parquet"))
+    manifest = start_run(layout, f"shardsmith {tool}", cfg.fingerprint(tool), _config_dict(cfg), models, inputs,
+                         cfg.overwrite, parts)
+    ledger = Ledger(layout)
+    ledger.clean_tmp()
+    return layout, manifest, set(ledger.committed())
+
+
 def run_generate(cfg: GenerateConfig, log=print) -> dict:
     import ray
     from ray.data import ActorPoolStrategy
 
     from filters.diffusion import DiffusionSpec, describe_model
     from pipelines.collect import ShardCollector, drive
-    from pipelines.ledger import start_run
     from pipelines.progress import Progress
     from pipelines.prompts import plan_tasks, read_prompt_table, shard_tasks
     from pipelines.runtime import ray_session
@@ -373,14 +385,8 @@ def run_generate(cfg: GenerateConfig, log=print) -> dict:
         table = table.slice(0, cfg.limit)
     tasks = plan_tasks(table, cfg.defaults)
     shards = shard_tasks(tasks, cfg.shard_size)
-    layout = OutputLayout(cfg.output)
-    models = describe_model(spec)
-    manifest = start_run(layout, "shardsmith generate", cfg.fingerprint("generate"), _config_dict(cfg), models,
-                         [cfg.prompts or cfg.from_captions], cfg.overwrite, OUTPUT_PARTS + tuple(
-                             f"{n}.{e}" for n in shards for e in ("tar", "parquet")))
-    ledger = Ledger(layout)
-    ledger.clean_tmp()
-    committed = ledger.committed()
+    layout, manifest, committed = _start(cfg, "generate", describe_model(spec), [cfg.prompts or cfg.from_captions],
+                                         list(shards))
     todo = {n: ts for n, ts in shards.items() if n not in committed}
     log(f"shardsmith generate: {len(tasks)} image(s) from {len(table)} prompt row(s) in {len(shards)} shard(s); "
         f"{len(shards) - len(todo)} already committed, {len(todo)} to do")
@@ -414,8 +420,7 @@ def run_augment(cfg: GenerateConfig, log=print) -> dict:
 
     from filters.diffusion import DiffusionSpec, describe_model
     from pipelines.collect import ShardCollector, drive
-    from pipelines.curate import read_shard_rows  # noqa: F401  (the same reader as curate)
-    from pipelines.ledger import start_run
+    from pipelines.curate import read_shard_rows  # the same reader as curate
     from pipelines.progress import Progress
     from pipelines.runtime import ray_session
     from pipelines.shards import plan_shards
@@ -429,13 +434,8 @@ def run_augment(cfg: GenerateConfig, log=print) -> dict:
     spec = DiffusionSpec(cfg.model, cfg.revision, cfg.scheduler, cfg.dtype)
     spec.validate()
     _, shards = plan_shards(cfg.input, "images")
-    layout = OutputLayout(cfg.output)
-    manifest = start_run(layout, "shardsmith augment", cfg.fingerprint("augment"), _config_dict(cfg),
-                         describe_model(spec), [s.to_dict() for s in shards], cfg.overwrite,
-                         OUTPUT_PARTS + tuple(f"{s.name}.{e}" for s in shards for e in ("tar", "parquet")))
-    ledger = Ledger(layout)
-    ledger.clean_tmp()
-    committed = ledger.committed()
+    layout, manifest, committed = _start(cfg, "augment", describe_model(spec), [s.to_dict() for s in shards],
+                                         [s.name for s in shards])
     todo = [s for s in shards if s.name not in committed]
     log(f"shardsmith augment: {len(shards)} shard(s), {cfg.variants} variant(s) per image; "
         f"{len(shards) - len(todo)} already committed, {len(todo)} to do")
