@@ -98,7 +98,8 @@ def project_requirements(root: Path = PROJECT_ROOT) -> list[str]:
     """The project's runtime dependencies, from pyproject.toml.
 
     Ray is left out: the cluster already runs Ray, and a pip-installed Ray in the job's virtualenv
-    would shadow the one the cluster runs (Ray refuses mismatches; see ``check_versions``)."""
+    would shadow the one its nodes run (``check_versions`` warns when that one is not the tested
+    version)."""
     import tomllib
 
     path = root / "pyproject.toml"
@@ -241,16 +242,23 @@ def connect(address: str | None = None):
         raise SubmitError(explain_connect_error(addr, e)) from e
 
 
-def explain_connect_error(address: str, e: Exception) -> str:
+def is_auth_error(e: Exception) -> bool:
     text = f"{type(e).__name__}: {e}"
-    if "401" in text or "403" in text or "uthenticat" in text or "token" in text.lower():
-        hint = ("the cluster uses Ray token authentication: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH "
-                "to a 0600 file holding the cluster's token (on the head: `ray get-auth-token`)")
-    else:
-        hint = ("is the tunnel to the head open? (`ray dashboard cluster/ray-up/aws.yaml`, or "
-                "`kubectl port-forward svc/HEAD-SERVICE 8265:8265`), then --address http://127.0.0.1:8265")
-    first = text.strip().splitlines()[0] if text.strip() else text
-    return f"cannot reach the Ray job API at {redact(address)}: {first[:300]}\n  {hint}"
+    return any(m in text for m in ("401", "403", "Unauthorized", "Forbidden", "uthenticat"))
+
+
+AUTH_HINT = ("the cluster uses Ray token authentication: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH to a "
+             "0600 file holding the cluster's token (on the head: `ray get-auth-token`; on KubeRay: the "
+             "Secret named in authOptions)")
+TUNNEL_HINT = ("is the tunnel to the head open? (`ray dashboard cluster/ray-up/aws.yaml`, or `kubectl "
+               "port-forward svc/HEAD-SERVICE 8265:8265`), then --address http://127.0.0.1:8265")
+
+
+def explain_connect_error(address: str, e: Exception) -> str:
+    text = f"{type(e).__name__}: {e}".strip()
+    first = text.splitlines()[0] if text else type(e).__name__
+    hint = AUTH_HINT if is_auth_error(e) else TUNNEL_HINT
+    return f"cannot use the Ray job API at {redact(address)}: {first[:300]}\n  {hint}"
 
 
 def cluster_ray_version(client) -> str | None:
@@ -308,7 +316,8 @@ def submit(client, sub: Submission) -> str:
             entrypoint_resources=sub.entrypoint_resources,
         )
     except Exception as e:
-        raise SubmitError(f"the job server refused the job: {type(e).__name__}: {str(e)[:1000]}") from e
+        hint = f"\n  {AUTH_HINT}" if is_auth_error(e) else ""
+        raise SubmitError(f"the job server refused the job: {type(e).__name__}: {str(e)[:1000]}{hint}") from e
 
 
 async def _stream_logs(client, job_id: str, out: IO) -> None:
@@ -363,11 +372,10 @@ def job_table(jobs) -> str:
 
 
 def job_summary(info) -> str:
-    data = {
-        "submission_id": info.submission_id, "status": str(info.status.value), "message": info.message,
-        "entrypoint": info.entrypoint, "start_time": info.start_time, "end_time": info.end_time,
-        "driver_exit_code": getattr(info, "driver_exit_code", None),
-        "entrypoint_num_cpus": info.entrypoint_num_cpus, "entrypoint_num_gpus": info.entrypoint_num_gpus,
-        "metadata": info.metadata,
-    }
+    """``shardsmith jobs status``: the job's details as JSON, without its runtime env (which can be
+    large; ``ray job status`` shows it)."""
+    keys = ("submission_id", "status", "message", "entrypoint", "start_time", "end_time", "driver_exit_code",
+            "driver_node_id", "metadata")
+    data = {k: getattr(info, k, None) for k in keys}
+    data["status"] = str(info.status.value)
     return json.dumps(data, indent=1, default=str)

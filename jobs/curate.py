@@ -8,6 +8,12 @@ row: status kept|dropped|error, reason, error, scores) and curated/NNNNN.tar + .
 samples, bytes untouched), plus stats.json and manifest.json. A rerun resumes: committed shards
 are skipped; --overwrite redoes them.
 
+--mode urls reads LAION metadata parquet as images to fetch: metadata rules first (rejected rows
+are never requested), then the URLs are fetched politely (timeouts, retries for 5xx/429/resets
+only, X-Robots-Tag noai opt-outs), stored in OUTPUT/downloaded/ (img2dataset layout) and scored
+like any shard; every row ends kept, dropped or error with its fetch kind. --retry-failed re-fetches
+only the earlier failures of --retry-kinds.
+
     python -m jobs.curate INPUT OUTPUT [options]      (the same as `shardsmith curate`)
 """
 

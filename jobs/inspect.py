@@ -130,7 +130,7 @@ def parquet_rows(url: str) -> list[dict]:
 
     try:
         with fsutil.open_file(url, "rb") as f:
-            return pq.read_table(f).to_pylist()
+            return pq.read_table(f, use_threads=False).to_pylist()  # see report_data._read_scores
     except Exception as e:
         raise InspectError(f"{url}: cannot read as parquet: {type(e).__name__}: {e}") from e
 

@@ -114,10 +114,16 @@ def _wait(cs, client, job_id: str, timeout: float | None, log) -> int:
         log(f"interrupted; the job keeps running. Follow: shardsmith jobs logs --follow {job_id}  "
             f"Stop: shardsmith jobs stop {job_id}")
         return cs.EXIT_INTERRUPTED
+    except (RuntimeError, OSError) as e:  # the job API went away (tunnel closed, head restarted)
+        log(f"lost contact with the job API ({type(e).__name__}: {str(e)[:300]}); the job may still be running: "
+            f"shardsmith jobs status {job_id}")
+        return cs.EXIT_FAILED
     info = client.get_job_info(job_id)
     code = cs.exit_code(info)
-    log(f"job {job_id} {status}" + (f": {info.message}" if status != "SUCCEEDED" and info.message else "")
-        + (f" (exit code {code})" if code else ""))
+    # Ray's message for a failed job ends with the last 20,000 characters of its logs, which were
+    # just streamed: keep its first line.
+    message = (info.message or "").strip().splitlines()[0][:300] if status != "SUCCEEDED" and info.message else ""
+    log(f"job {job_id} {status}" + (f": {message}" if message else "") + (f" (exit code {code})" if code else ""))
     return code
 
 
@@ -138,6 +144,8 @@ def add_jobs_arguments(p: argparse.ArgumentParser) -> None:
             sp.add_argument("--follow", "-f", action="store_true", help="keep streaming until the job ends")
         if action == "stop":
             sp.add_argument("--wait", action="store_true", help="wait until the job has stopped")
+            sp.add_argument("--wait-timeout", type=float, default=120, metavar="SECONDS",
+                            help="give up waiting after SECONDS (default 120)")
 
 
 def run_jobs(args: argparse.Namespace) -> int:
@@ -161,15 +169,23 @@ def run_jobs(args: argparse.Namespace) -> int:
         stopped = client.stop_job(args.job_id)
         print(f"{args.job_id}: {'stop requested' if stopped else 'not running (' + str(info.status.value) + ')'}")
         if args.wait and stopped:
-            cs.follow(client, args.job_id, io.StringIO())
+            status = cs.follow(client, args.job_id, io.StringIO(), timeout=args.wait_timeout)
+            print(f"{args.job_id}: {status}")
         return 0
     except cs.SubmitError as e:
         print(f"shardsmith jobs: error: {e}", file=sys.stderr)
         return cs.EXIT_USAGE
     except KeyboardInterrupt:
         return cs.EXIT_INTERRUPTED
-    except RuntimeError as e:  # the SDK's "job does not exist" and request errors
-        print(f"shardsmith jobs: error: {str(e).strip().splitlines()[0][:300]}", file=sys.stderr)
+    except TimeoutError as e:
+        print(f"shardsmith jobs: {e}", file=sys.stderr)
+        return cs.EXIT_TIMEOUT
+    except (RuntimeError, OSError) as e:  # the SDK's "job does not exist", refused tokens, connection errors
+        if cs.is_auth_error(e) or isinstance(e, OSError):
+            print(f"shardsmith jobs: error: {cs.explain_connect_error(cs.resolve_address(args.address), e)}",
+                  file=sys.stderr)
+        else:
+            print(f"shardsmith jobs: error: {(str(e).strip().splitlines() or [''])[0][:300]}", file=sys.stderr)
         return cs.EXIT_USAGE
 
 

@@ -40,11 +40,18 @@ def text(v) -> str | None:
     return v if isinstance(v, str) else None
 
 
-def read_shard_rows(batch: dict) -> "Iterator[dict]":  # noqa: F821
-    """Ray Data UDF: one input row per shard -> batches of samples (bytes), then a sentinel."""
+def read_shard_rows(batch: dict, rows_per_batch: int = READ_BATCH) -> "Iterator[dict]":  # noqa: F821
+    """Ray Data UDF: one input row per shard -> batches of samples (bytes), each shard followed by
+    its sentinel.
+
+    The shards of one call are read in turn and their rows packed into batches of exactly
+    ``rows_per_batch`` rows across shard boundaries: the scoring actor's forwards have a fixed size
+    (the last chunk of a batch is padded), so a batch holding a shard's short tail would spend a
+    whole forward on padding. Packed, only the last batch of the call is short."""
     limits = batch["limit"] if "limit" in batch else [0] * len(batch["shard"])
+    buf: list = []
     for name, url, limit in zip(batch["shard"], batch["url"], limits):
-        buf: list = []
+        name = str(name)
         count = 0
         for s in iter_tar_samples(str(url)):
             if limit and count >= limit:
@@ -57,27 +64,33 @@ def read_shard_rows(batch: dict) -> "Iterator[dict]":  # noqa: F821
                     url_field = meta.get("url") if isinstance(meta, dict) else None
                 except (ValueError, UnicodeDecodeError):
                     url_field = None
-            buf.append((s.row, s.key, s.image if s.error_kind is None else None, s.caption(),
-                        str(url_field) if url_field is not None else None, s.error_kind, s.error))
-            if len(buf) >= READ_BATCH:
-                yield _sample_batch(str(name), buf, -1)
+            buf.append((name, s.row, s.key, s.image if s.error_kind is None else None, s.caption(),
+                        str(url_field) if url_field is not None else None, s.error_kind, s.error, -1))
+            if len(buf) >= rows_per_batch:
+                yield _sample_batch(buf)
                 buf = []
-        buf.append((SENTINEL, None, None, None, None, None, None))
-        yield _sample_batch(str(name), buf, count)
+        buf.append((name, SENTINEL, None, None, None, None, None, None, count))
+        if len(buf) >= rows_per_batch:
+            yield _sample_batch(buf)
+            buf = []
+    if buf:
+        yield _sample_batch(buf)
 
 
-def _sample_batch(shard: str, rows: list, count: int) -> dict:
+def _sample_batch(rows: list) -> dict:
+    """Rows ``(shard, row, key, image, caption, url, error_kind, error, shard_rows)`` -> columns;
+    ``shard_rows`` is the shard's sample count on its sentinel row, -1 elsewhere."""
     cols = list(zip(*rows))
     return {
-        "shard": np.array([shard] * len(rows), dtype=object),
-        "row": np.array(cols[0], dtype=np.int64),
-        "key": np.array(cols[1], dtype=object),
-        "image": np.array(cols[2], dtype=object),
-        "caption": np.array(cols[3], dtype=object),
-        "url": np.array(cols[4], dtype=object),
-        "error_kind": np.array(cols[5], dtype=object),
-        "error": np.array(cols[6], dtype=object),
-        "shard_rows": np.array([count if r == SENTINEL else -1 for r in cols[0]], dtype=np.int64),
+        "shard": np.array(cols[0], dtype=object),
+        "row": np.array(cols[1], dtype=np.int64),
+        "key": np.array(cols[2], dtype=object),
+        "image": np.array(cols[3], dtype=object),
+        "caption": np.array(cols[4], dtype=object),
+        "url": np.array(cols[5], dtype=object),
+        "error_kind": np.array(cols[6], dtype=object),
+        "error": np.array(cols[7], dtype=object),
+        "shard_rows": np.array(cols[8], dtype=np.int64),
     }
 
 
@@ -154,6 +167,24 @@ class ScoreStage:
         return out
 
 
+READ_GROUP_BYTES = 256 * 1024**2  # shards are read in groups of about this many bytes (at least one shard)
+
+
+def read_tasks(shards: list[InputShard], num_actors: int) -> int:
+    """How many read tasks: shards grouped to about READ_GROUP_BYTES each, but at least as many
+    tasks as scoring actors (so that every actor has input) and at most one per shard. Each read
+    task's last batch is short, so fewer tasks means fewer padded forwards; img2dataset's
+    10,000-sample shards (~1 GB) each get their own task anyway."""
+    total = sum(s.size or READ_GROUP_BYTES for s in shards)
+    return max(1, min(len(shards), max(num_actors, -(-total // READ_GROUP_BYTES))))
+
+
+def read_batch_rows(batch_size: int) -> int:
+    """Rows per read batch: a multiple of the forward size (at least READ_BATCH), so that the
+    batches the scoring actor receives fill whole forwards."""
+    return batch_size * max(1, READ_BATCH // batch_size)
+
+
 def build_dataset(shards: list[InputShard], cfg: CurateConfig, spec: ScorerSpec, pixel_transform,
                   image_size: tuple[int, int], plan, read_fn=None, read_kwargs: dict | None = None):
     """``read_fn`` replaces the tar reader (urls mode: download, then read the downloaded tar)."""
@@ -161,9 +192,16 @@ def build_dataset(shards: list[InputShard], cfg: CurateConfig, spec: ScorerSpec,
     from ray.data import ActorPoolStrategy
 
     items = [{"shard": s.name, "url": s.url} for s in shards]
-    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-    ds = ds.map_batches(read_fn or read_shard_rows, fn_kwargs=read_kwargs, batch_size=1, num_cpus=plan.read_cpus,
-                        zero_copy_batch=True)
+    if read_fn is None:
+        # Small shards are read in groups (one read task per group, one block of the input per
+        # task), their rows packed into batches of a multiple of the forward size: see read_shard_rows.
+        ds = ray.data.from_items(items, override_num_blocks=read_tasks(shards, plan.num_actors))
+        ds = ds.map_batches(read_shard_rows, fn_kwargs={"rows_per_batch": read_batch_rows(cfg.batch_size)},
+                            batch_size=None, num_cpus=plan.read_cpus, zero_copy_batch=True)
+    else:
+        ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+        ds = ds.map_batches(read_fn, fn_kwargs=read_kwargs, batch_size=1, num_cpus=plan.read_cpus,
+                            zero_copy_batch=True)
     ds = ds.map_batches(decode_batch, fn_kwargs={"pixel_transform": pixel_transform, "image_size": image_size,
                                                  "max_pixels": cfg.max_image_pixels,
                                                  "exif_transpose": cfg.exif_transpose,
@@ -253,14 +291,11 @@ def check_rules_against_scores(cfg: CurateConfig, mode: str, spec: ScorerSpec) -
 
 def run_curate(cfg: CurateConfig, log=print) -> dict:
     """Plan, validate, run and commit; returns the run's stats (also written to stats.json)."""
-    import ray
-
     from pipelines.ledger import Ledger, OutputLayout, aggregate, write_json
     from pipelines.metadata import filter_metadata_shard
-    from pipelines.progress import Progress, summary
-    from pipelines.runtime import cluster_resources, plan_resources, ray_session
+    from pipelines.progress import summary
+    from pipelines.runtime import ray_session
     from pipelines.shards import plan_shards
-    from pipelines.writers import write_image_shard
 
     cfg.validate()
     rules = cfg.ruleset()

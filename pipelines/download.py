@@ -258,22 +258,27 @@ def fetch_in_order(items: list[tuple[int, str]], options: DownloadOptions) -> It
     2 x threads results are held at once."""
     if not items:
         return
-    with Fetcher(options.fetch) as fetcher, ThreadPoolExecutor(options.threads, "shardsmith-fetch") as pool:
+    with Fetcher(options.fetch) as fetcher:
+        pool = ThreadPoolExecutor(options.threads, "shardsmith-fetch")
+
         def job(url: str) -> Fetched:
             return prepare(fetcher.fetch(url), options.resize_max_side)
 
-        pending: deque = deque()
-        queue = iter(items)
-        for row, url in queue:
-            pending.append((row, pool.submit(job, url)))
-            if len(pending) >= 2 * options.threads:
-                break
-        while pending:
-            row, fut = pending.popleft()
-            for nrow, url in queue:
-                pending.append((nrow, pool.submit(job, url)))
-                break
-            yield row, fut.result()
+        try:
+            pending: deque = deque()
+            queue = iter(items)
+            for row, url in queue:
+                pending.append((row, pool.submit(job, url)))
+                if len(pending) >= 2 * options.threads:
+                    break
+            while pending:
+                row, fut = pending.popleft()
+                for nrow, url in queue:
+                    pending.append((nrow, pool.submit(job, url)))
+                    break
+                yield row, fut.result()
+        finally:  # also when the consumer stops early: queued fetches are cancelled, not run
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -423,7 +428,7 @@ def download_options(cfg) -> DownloadOptions:
 
 
 def download_and_read(batch: dict, url_shards: dict, dest: str, tmp_dir: str, rules: RuleSet,
-                      options: DownloadOptions, per_shard: int) -> Iterator[dict]:
+                      options: DownloadOptions, per_shard: int, rows_per_batch: int | None = None) -> Iterator[dict]:
     """Ray Data UDF, curate's read stage in urls mode: download a shard (or reuse its complete
     download), then stream its tar exactly as images mode streams an input tar."""
     from pipelines.curate import read_shard_rows
@@ -432,17 +437,21 @@ def download_and_read(batch: dict, url_shards: dict, dest: str, tmp_dir: str, ru
         shard = url_shards[str(name)]
         download_shard(shard, dest, tmp_dir, rules, options, per_shard)
         tar_url, _ = download_paths(dest, shard.name)
-        yield from read_shard_rows({"shard": [shard.name], "url": [tar_url]})
+        rows = {"shard": [shard.name], "url": [tar_url]}
+        yield from read_shard_rows(rows, rows_per_batch) if rows_per_batch else read_shard_rows(rows)
 
 
 def url_stage(cfg, todo: list[UrlShard], rules: RuleSet, layout) -> dict:
     """What curate's images dataflow needs to run on URL shards: the download-and-read stage and
     the downloaded shards its writer copies from (keyword arguments of ``_run_images``)."""
+    from pipelines.curate import read_batch_rows
+
     dest = layout.path(DOWNLOADED_DIR)
     return {
         "read_fn": download_and_read,
         "read_kwargs": {"url_shards": {s.name: s for s in todo}, "dest": dest, "tmp_dir": layout.tmp_dir,
-                        "rules": rules, "options": download_options(cfg), "per_shard": cfg.urls_per_shard},
+                        "rules": rules, "options": download_options(cfg), "per_shard": cfg.urls_per_shard,
+                        "rows_per_batch": read_batch_rows(cfg.batch_size)},
         "write_shards": {s.name: as_input_shard(dest, s.name) for s in todo},
     }
 

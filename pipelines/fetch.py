@@ -171,6 +171,8 @@ def check_image(data: bytes, max_pixels: int) -> tuple[str, int, int]:
             if w * h > max_pixels:
                 raise ImageCheckError("image_too_large", f"declares {w}x{h} = {w * h} pixels, over the limit of "
                                                          f"{max_pixels}")
+            if img.format == "JPEG":  # decode at 1/8 scale: every byte is still read and checked
+                img.draft(img.mode, (max(1, w // 8), max(1, h // 8)))
             img.load()  # a full decode: a truncated file fails here, not at scoring time
             return img.format or "unknown", w, h
     except ImageCheckError:
@@ -253,6 +255,7 @@ class Fetcher:
                 r = self.pool.request("GET", current, redirect=False, preload_content=False, retries=False)
             except Exception as e:
                 return FetchResult(url, final_url=current, **_classify_exception(e))
+            complete = False  # True once the body was read to its end: the connection can be reused
             try:
                 if r.status in _REDIRECTS:
                     location = r.headers.get("Location")
@@ -269,9 +272,11 @@ class Fetcher:
                     seen.add(nxt)
                     current = nxt
                     continue
-                return self._final(url, current, r, start)
+                res = self._final(url, current, r, start)
+                complete = res.ok
+                return res
             finally:
-                r.close()  # never drain: a misbehaving body could be endless
+                _finish(r, complete)
         return FetchResult(url, kind="too_many_redirects", final_url=current,
                            message=f"more than {o.max_redirects} redirects (last: {current})")
 
@@ -317,6 +322,19 @@ class Fetcher:
             msg = f"{e.message}; Content-Type {ctype}" if ctype else e.message
             return FetchResult(url, kind=e.kind, message=msg, **base)
         return FetchResult(url, data=data, image_format=fmt, width=w, height=h, **base)
+
+
+def _finish(r, complete: bool) -> None:
+    """Give the connection back to the pool when the body was read to its end (keep-alive
+    matters: a shard often has thousands of images on one host); otherwise close it. Never drain
+    the rest of a body: it may be endless, or drip a byte per read timeout."""
+    try:
+        if complete:
+            r.release_conn()
+        else:
+            r.close()
+    except Exception:
+        r.close()
 
 
 def _classify_exception(e: Exception) -> dict:

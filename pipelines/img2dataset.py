@@ -115,9 +115,12 @@ def original_sizes_from_index(results: pa.Table, index: pa.Table | None) -> pa.T
 def merge_index_rows(scores: pa.Table, index: pa.Table | None) -> pa.Table:
     """``scores`` (the tar's samples, decided) plus one row per index row that has no sample and
     is not a success: ``skipped`` -> dropped with the recorded rule, any failure -> error with its
-    kind and message. Rows are numbered by index position when the index lists every sample's key
-    exactly once (img2dataset and shardsmith downloads: row = input row); otherwise the tar's
-    numbering is kept and the added rows come after it."""
+    kind and message.
+
+    Row numbers: a shardsmith download index lists every metadata row in order, so there a row's
+    number is its index position (= its metadata row), when the index has every sample's key once.
+    Otherwise (img2dataset's own index) samples keep their tar position -- what ``row`` means in
+    images mode, and what the report uses to find an image -- and the added rows follow them."""
     if index is None or "key" not in index.column_names or "status" not in index.column_names:
         return scores
     keys = _strings(index, "key")
@@ -131,7 +134,8 @@ def merge_index_rows(scores: pa.Table, index: pa.Table | None) -> pa.Table:
     widths, heights = _ints(index, "original_width"), _ints(index, "original_height")
     captions, urls = _strings(index, "caption"), _strings(index, "url")
     position = {k: i for i, k in enumerate(keys)}
-    by_index = (len(position) == len(keys) and None not in position and len(scored) == len(sample_keys)
+    by_index = (META_KEY in (index.schema.metadata or {}) and len(position) == len(keys)
+                and None not in position and len(scored) == len(sample_keys)
                 and all(k in position for k in sample_keys))
     n = scores.num_rows
     new_status, new_reason, new_error = [], [], []

@@ -102,11 +102,17 @@ def aggregate(entries: dict[str, dict]) -> dict:
 
 
 def shard_stats(status: list[str], reason: list[str | None]) -> dict:
-    kept = sum(1 for s in status if s == "kept")
-    dropped_by = Counter(r for s, r in zip(status, reason) if s == "dropped")
-    errors_by = Counter(r for s, r in zip(status, reason) if s == "error")
+    return shard_stats_from_counts(Counter(zip(status, reason)))
+
+
+def shard_stats_from_counts(counts: "Counter[tuple[str, str | None]]") -> dict:
+    """The stats of a shard from its row counts per (status, reason): what metadata mode
+    accumulates batch by batch with Arrow instead of holding millions of Python strings."""
+    kept = sum(n for (s, _), n in counts.items() if s == "kept")
+    dropped_by = Counter({r: n for (s, r), n in counts.items() if s == "dropped" and n})
+    errors_by = Counter({r: n for (s, r), n in counts.items() if s == "error" and n})
     stats = {
-        "rows_read": len(status),
+        "rows_read": sum(counts.values()),
         "kept": kept,
         "dropped": sum(dropped_by.values()),
         "dropped_by_reason": dict(sorted(dropped_by.items())),

@@ -7,13 +7,16 @@ columns untouched, to ``curated/<shard>.parquet`` (e.g. LAION-Aesthetics 5+ from
 
 from __future__ import annotations
 
+from collections import Counter
+
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from filters.rules import RuleSet
 from pipelines import fs as fsutil
-from pipelines.ledger import Ledger, OutputLayout, shard_stats
+from pipelines.ledger import Ledger, OutputLayout, shard_stats_from_counts
 from pipelines.readers import iter_metadata_batches, metadata_column_map
 from pipelines.shards import InputShard
 from pipelines.writers import SCORES_SCHEMA
@@ -43,17 +46,38 @@ def canonical_batch(batch: pa.RecordBatch, cmap: dict[str, str], first_row: int)
             cols[name] = _cast_or_null(batch.column(cmap[name]), typ)
         else:
             cols[name] = pa.nulls(n, typ)
-    rows = pa.array(range(first_row, first_row + n), pa.int64())
+    rows = pa.array(np.arange(first_row, first_row + n, dtype=np.int64))
     cols["row"] = rows
     if "key" not in cmap:
         cols["key"] = pc.cast(rows, pa.string())
     return pa.table(cols)
 
 
+# Dictionary encoding pays for repeated values (status, reason, a licence column) and costs a hash
+# of every value for near-unique ones (URLs, captions, ids, float scores), which then fall back to
+# plain encoding anyway: measured ~30% of metadata mode's parquet write time.
+SCORES_DICTIONARY = ["status", "reason", "error"]
+_NEAR_UNIQUE = ("url", "caption", "key", "hash")
+
+
+def dictionary_columns(schema: pa.Schema, cmap: dict[str, str]) -> list[str]:
+    """The input's string columns worth a dictionary: all but the LAION near-unique ones."""
+    unique = {cmap[c] for c in _NEAR_UNIQUE if c in cmap}
+    return [f.name for f in schema
+            if (pa.types.is_string(f.type) or pa.types.is_large_string(f.type)) and f.name not in unique]
+
+
+def outcome_counts(status: pa.Array, reason: pa.Array) -> Counter:
+    """Rows per (status, reason), counted by Arrow."""
+    t = pa.table({"status": status, "reason": reason}).group_by(["status", "reason"]).aggregate([([], "count_all")])
+    return Counter({(s, r): n for s, r, n in zip(t.column("status").to_pylist(), t.column("reason").to_pylist(),
+                                                  t.column("count_all").to_pylist())})
+
+
 def filter_metadata_shard(shard: InputShard, rules: RuleSet, out_root: str, extra: dict | None = None) -> dict:
     layout = OutputLayout(out_root)
     tmp = layout.tmp_dir
-    statuses, reasons = [], []
+    counts: Counter = Counter()
     first = 0
     scores_url = layout.path("scores", f"{shard.name}.parquet")
     curated_url = layout.path("curated", f"{shard.name}.parquet")
@@ -64,18 +88,20 @@ def filter_metadata_shard(shard: InputShard, rules: RuleSet, out_root: str, extr
             cmap = metadata_column_map(batch.schema.names)
             table = canonical_batch(batch, cmap, first)
             d = rules.apply(table)
-            table = table.set_column(table.column_names.index("status"), "status", pa.array(d.status, pa.string()))
-            table = table.set_column(table.column_names.index("reason"), "reason", pa.array(d.reason, pa.string()))
+            status, reason = pa.array(d.status, pa.string()), pa.array(d.reason, pa.string())
+            table = table.set_column(table.column_names.index("status"), "status", status)
+            table = table.set_column(table.column_names.index("reason"), "reason", reason)
             table = table.set_column(table.column_names.index("error"), "error", pa.array(d.error, pa.string()))
             table = table.select(SCORES_SCHEMA.names)
-            kept = pa.Table.from_batches([batch]).filter(pa.array(d.status == "kept"))
+            kept = pa.Table.from_batches([batch]).filter(pc.equal(status, "kept"))
             if w_scores is None:
-                w_scores = pq.ParquetWriter(fs_scores, SCORES_SCHEMA, compression="zstd")
-                w_curated = pq.ParquetWriter(fs_curated, batch.schema, compression="zstd")
+                w_scores = pq.ParquetWriter(fs_scores, SCORES_SCHEMA, compression="zstd",
+                                            use_dictionary=SCORES_DICTIONARY)
+                w_curated = pq.ParquetWriter(fs_curated, batch.schema, compression="zstd",
+                                             use_dictionary=dictionary_columns(batch.schema, cmap))
             w_scores.write_table(table)
             w_curated.write_table(kept)
-            statuses.extend(d.status.tolist())
-            reasons.extend(d.reason.tolist())
+            counts.update(outcome_counts(status, reason))
             first += batch.num_rows
         if w_scores is None:  # a parquet file with no rows
             schema = pq.read_schema(fsutil.open_file(shard.url))
@@ -83,7 +109,7 @@ def filter_metadata_shard(shard: InputShard, rules: RuleSet, out_root: str, extr
             w_curated = pq.ParquetWriter(fs_curated, schema, compression="zstd")
         w_scores.close()
         w_curated.close()
-    stats = shard_stats(statuses, reasons)
+    stats = shard_stats_from_counts(counts)
     entry = {**stats, "input": shard.url, "outputs": [f"scores/{shard.name}.parquet", f"curated/{shard.name}.parquet"],
              **(extra or {})}
     Ledger(layout).commit(shard.name, entry)

@@ -207,7 +207,9 @@ def scores_files(output: str) -> list[tuple[str, str]]:
 
 def _read_scores(url: str) -> pa.Table:
     with fsutil.open_file(url, "rb") as f:
-        t = pq.read_table(f)
+        # use_threads=False: pyarrow 26 reading a Python file object with its thread pool makes
+        # ~1 in 10 processes abort at exit ("terminate called without an active exception")
+        t = pq.read_table(f, use_threads=False)
     for name in ROW_COLUMNS:  # older or partial files: the missing columns are null
         if name not in t.column_names:
             t = t.append_column(name, pa.nulls(t.num_rows, pa.string() if name in

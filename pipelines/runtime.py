@@ -14,6 +14,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 
+# A local Ray runs the job's workers at the priority of the command that started it. Ray's default
+# (niceness 15 for workers, 0 for the raylet and driver) makes all of curate's work - the model
+# actors and the decode tasks - yield to every other process of the machine: on a shared 2-core
+# machine under load, the scoring actor got a fraction of the CPU a plain Python loop gets (bench/).
+LOCAL_SYSTEM_CONFIG = {"worker_niceness": 0}
+
+
 @contextmanager
 def ray_session(address: str | None = None, quiet: bool = True):
     import ray
@@ -24,7 +31,7 @@ def ray_session(address: str | None = None, quiet: bool = True):
         if address or os.environ.get("RAY_ADDRESS"):
             ray.init(address=address or os.environ["RAY_ADDRESS"], **kwargs)
         else:
-            ray.init(include_dashboard=False, **kwargs)
+            ray.init(include_dashboard=False, _system_config=LOCAL_SYSTEM_CONFIG, **kwargs)
         started = True
     if quiet:
         from ray.data import DataContext

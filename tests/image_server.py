@@ -13,6 +13,14 @@ from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        import sys
+
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):  # a client hanging up is normal
+            super().handle_error(request, client_address)
+
+
 class Route:
     def __init__(self, kind: str, body: bytes = b"", ctype: str = "image/jpeg", **opts):
         self.kind, self.body, self.ctype, self.opts = kind, body, ctype, opts
@@ -25,12 +33,14 @@ class ImageServer:
         self.routes: dict[str, Route] = {}
         self.counts: Counter = Counter()
         self.agents: list[str] = []
+        self.peers: set = set()  # client (address, port) pairs: one per TCP connection
         self.lock = threading.Lock()
         self.stop = threading.Event()
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            timeout = 5  # an idle keep-alive connection cannot hold a handler thread (and close()) forever
 
             def log_message(self, *a):  # quiet
                 pass
@@ -41,13 +51,14 @@ class ImageServer:
                     outer.counts[path] += 1
                     n = outer.counts[path]
                     outer.agents.append(self.headers.get("User-Agent", ""))
+                    outer.peers.add(self.client_address)
                 route = outer.routes.get(path)
                 try:
                     outer._serve(self, route, n)
                 except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
                     self.close_connection = True
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = _QuietServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = False
         self.httpd.block_on_close = True  # server_close() joins the handler threads
         self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
@@ -75,6 +86,7 @@ class ImageServer:
         with self.lock:
             self.counts.clear()
             self.agents.clear()
+            self.peers.clear()
 
     def close(self) -> None:
         self.stop.set()

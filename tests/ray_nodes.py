@@ -1,12 +1,14 @@
-"""A real multi-node Ray cluster on this machine, for tests: loopback only, token auth on.
+"""A real multi-node Ray cluster on this machine, for tests: token auth on, dashboard on 127.0.0.1.
 
 Each node is a ``ray start --block`` process in its own process group, so the test stops exactly
 the processes it started (other Ray instances may run on the same machine: never ``ray stop``,
-never kill by name). Stopping sends SIGTERM to the ``ray start`` process, waits for its drain
-(Ray waits up to ~30 s for running work), then kills whatever is left of the group.
+never kill by name). Stopping sends SIGTERM to the ``ray start`` processes, waits for their drain
+(bounded by RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S), then kills whatever is left of each group.
 
-Every port is chosen free, so two test clusters, or another engineer's Ray, do not collide.
-"""
+Nodes are started with ``--node-ip-address=127.0.0.1``, but Ray 2.60 resolves a loopback node
+address to the machine's own (``resolve_ip_for_localhost``) and its GCS / raylet ports listen on
+every interface; only the dashboard honours 127.0.0.1. Token authentication guards the rest.
+Every port is chosen free, so two test clusters, or another engineer's Ray, do not collide."""
 
 from __future__ import annotations
 
@@ -22,6 +24,25 @@ import time
 
 VENV_BIN = os.path.dirname(sys.executable)
 RAY = os.path.join(VENV_BIN, "ray")
+
+
+def _load_prctl():
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _load_prctl()  # looked up here: the child of a threaded parent should only make the call
+
+
+def die_with_parent() -> None:
+    """preexec_fn (Linux): the child gets SIGTERM if the test process dies, so even a killed
+    pytest leaves no cluster behind (``ray start --block`` then drains and stops its node)."""
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def free_port() -> int:
@@ -106,7 +127,7 @@ class LocalRayCluster:
     def _spawn(self, args: list[str], name: str) -> subprocess.Popen:
         log = open(os.path.join(self.log_dir, f"{name}.log"), "wb")
         proc = subprocess.Popen([RAY, "start", *args], env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+                                stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent)
         self.nodes.append((proc, log))
         return proc
 
@@ -199,28 +220,36 @@ class LocalRayCluster:
         return "\n".join(text)
 
     def stop(self, drain_timeout: float = 35) -> None:
-        """Workers first, then the head: SIGTERM, wait for the drain, then kill the group."""
-        for proc, log in reversed(self.nodes):
-            try:
-                if proc.poll() is None:
-                    proc.send_signal(signal.SIGTERM)
-                    try:
-                        proc.wait(timeout=drain_timeout)
-                    except subprocess.TimeoutExpired:
-                        pass
-            finally:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    pass
-                log.close()
-        self.nodes.clear()
+        """SIGTERM every node (workers first), let them drain together, then kill what is left of
+        each process group and wait until the groups are empty."""
         import shutil
 
+        for proc, _ in reversed(self.nodes):
+            if proc.poll() is None:
+                try:
+                    proc.send_signal(signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + drain_timeout
+        for proc, log in reversed(self.nodes):
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+            # The group's other processes die (and are reaped by init) a moment later.
+            gone_by = time.monotonic() + 20
+            while group_alive(proc.pid) and time.monotonic() < gone_by:
+                time.sleep(0.2)
+            log.close()
+        self.nodes.clear()
         for d in self.temp_dirs:
             shutil.rmtree(d, ignore_errors=True)
 

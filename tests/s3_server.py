@@ -18,6 +18,8 @@ import time
 import urllib.error
 import urllib.request
 
+from ray_nodes import die_with_parent
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -50,7 +52,7 @@ class MotoServer:
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
                                      stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=die_with_parent)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -89,3 +91,62 @@ class MotoServer:
             fs.mkdir(bucket)
         for name in sorted(os.listdir(local_dir)):
             fs.put_file(os.path.join(local_dir, name), f"{url.removeprefix('s3://').rstrip('/')}/{name}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers shared by the S3 tests
+# ---------------------------------------------------------------------------------------------
+
+SCORE_COLUMNS = ["aesthetic", "pwatermark", "punsafe", "similarity"]
+
+
+def small_sample_reference(tmp_path_factory, tiny_models) -> dict:
+    """The small sample (2 shards x 20) and its curate run on local files, made once per session
+    and shared by the S3 and cluster tests (the sample is deterministic). Needs the in-process Ray
+    (the ``ray_local`` fixture)."""
+    import json
+
+    from conftest import curate_config
+    from jobs.sample_data import make_sample_data
+    from pipelines.curate import run_curate
+
+    base = tmp_path_factory.getbasetemp() / "small-sample-reference"
+    done = base / "reference.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    sample = make_sample_data(str(base / "sample"), shards=2, per_shard=20, metadata_files=1, metadata_rows=100,
+                              max_size=200)
+    out = base / "local-run"
+    stats = run_curate(curate_config(sample["images"], out, tiny_models), log=lambda *a: None)
+    ref = {"sample": sample, "output": str(out), "stats": stats}
+    done.write_text(json.dumps(ref))
+    return ref
+
+
+def model_flags(models: dict) -> list[str]:
+    return ["--clip-model", models["clip_model"], "--clip-pretrained", models["clip_pretrained"],
+            "--aesthetic-head", models["aesthetic_head"], "--watermark-head", models["watermark_head"],
+            "--nsfw-head", models["nsfw_head"], "--batch-size", "16"]
+
+
+def s3_scores(fs, prefix: str):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = sorted(fs.glob(f"{prefix}/scores/*.parquet"))
+    return pa.concat_tables([pq.read_table(fs.open(f, "rb")) for f in files])
+
+
+def assert_same_scores(a, b) -> None:
+    """Same rows, statuses and reasons; scores equal to 1e-6 (the forwards are deterministic)."""
+    import numpy as np
+
+    assert a.num_rows == b.num_rows
+    for col in ("key", "row", "status", "reason", "error", "original_width", "original_height", "caption"):
+        assert a.column(col).to_pylist() == b.column(col).to_pylist(), col
+    for col in SCORE_COLUMNS:
+        x = np.array(a.column(col).to_pylist(), dtype=np.float64)
+        y = np.array(b.column(col).to_pylist(), dtype=np.float64)
+        np.testing.assert_allclose(x, y, rtol=0, atol=1e-6, equal_nan=True, err_msg=col)
+
+

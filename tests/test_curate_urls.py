@@ -19,7 +19,7 @@ from pipelines.curate import run_curate
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 QUIET = dict(log=lambda *a: None)
-FETCH = dict(mode="urls", fetch_timeout=1.0, fetch_deadline=3.0, fetch_retries=1, fetch_max_bytes=2_000_000,
+FETCH = dict(mode="urls", fetch_timeout=2.0, fetch_deadline=4.0, fetch_retries=1, fetch_max_bytes=2_000_000,
              fetch_threads=8)
 
 
@@ -70,7 +70,7 @@ def site(sample):
         ("/e/gone.jpg", ("status", {"status": 404}), "http_404"),
         ("/e/flaky.jpg", ("fail_first", {"status": 500}), "ok"),  # 500 then 200
         ("/e/busy.jpg", ("fail_first", {"status": 429, "headers": {"Retry-After": "1"}}), "ok"),
-        ("/e/slow.jpg", ("slow", {"delay": 5.0}), "timeout"),
+        ("/e/slow.jpg", ("slow", {"delay": 8.0}), "timeout"),
         ("/e/loop-a", ("redirect", {"to": "/e/loop-b"}), "redirect_loop"),
         ("/e/page.jpg", ("ok", {"ctype": "text/html"}), "not_an_image"),
         ("/e/endless.jpg", ("endless", {}), "too_large"),
@@ -84,7 +84,7 @@ def site(sample):
     for i, (path, (kind, opts), outcome) in enumerate(misbehaving):
         body = b"<!DOCTYPE html><html>nope</html>" if path == "/e/page.jpg" else other[good[i % 3]]["jpg"]
         if kind == "switch":
-            before = Route("status", status=503) if "down" in path else Route("slow", delay=5.0)
+            before = Route("status", status=503) if "down" in path else Route("slow", delay=8.0)
             opts = {"flag": heal, "before": before}
         server.add(path, kind, body, **opts)
         expect[path] = outcome
@@ -260,7 +260,7 @@ def test_resize_at_download_keeps_the_original_size(ray_local, tiny_models, site
         return Image.open(io.BytesIO(site["samples"][k]["jpg"])).size
 
     keys = [k for k in sorted(site["samples"]) if image_ext(site["samples"][k]) == "jpg"
-            and max(size(k)) > 64 and json.loads(site["samples"][k]["json"])["sample_broken"] is None][:8]
+            and json.loads(site["samples"][k]["json"])["sample_broken"] is None and max(size(k)) > 64][:8]
     rows = [{"URL": site["server"].url(f"/img/{k}.jpg"), "TEXT": site["samples"][k]["txt"].decode()} for k in keys]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "m.parquet")
     cfg = curate_config(tmp_path / "m.parquet", tmp_path / "o", tiny_models, preset=None,
@@ -306,3 +306,86 @@ def test_urls_options_are_validated(tiny_models, tmp_path):
         curate_config("x", "y", tiny_models, mode="urls", retry_kinds=["opted_out"]).validate()
     with pytest.raises(ConfigError, match="fetch_threads"):
         curate_config("x", "y", tiny_models, mode="urls", fetch_threads=0).validate()
+
+
+# -- the download step and the index merge, without Ray ------------------------------------------
+
+def test_large_metadata_files_are_cut_into_shards_that_read_their_own_rows(tmp_path):
+    from pipelines.download import plan_url_shards, read_metadata_rows, sample_key
+
+    t = pa.table({"url": [f"http://127.0.0.1:9/{i}.jpg" for i in range(7)], "TEXT": [f"c{i}" for i in range(7)]})
+    pq.write_table(t, tmp_path / "part-00003.parquet", row_group_size=2)
+    shards = plan_url_shards(str(tmp_path / "part-00003.parquet"), per_shard=3)
+    assert [(s.name, s.start, s.stop) for s in shards] == [
+        ("part-00003_00000", 0, 3), ("part-00003_00001", 3, 6), ("part-00003_00002", 6, 7)]
+    meta, available = read_metadata_rows(shards[1])
+    assert meta.column("caption").to_pylist() == ["c3", "c4", "c5"] and meta.column("row").to_pylist() == [3, 4, 5]
+    assert available == {"url", "caption"}
+    assert sample_key(shards[1], 2, 3) == "part-00003_00001_0002"
+    one = plan_url_shards(str(tmp_path / "part-00003.parquet"), per_shard=10)
+    assert [(s.name, s.start, s.stop) for s in one] == [("part-00003", 0, 7)]
+
+
+def test_metadata_without_url_column_is_refused_before_work(tmp_path):
+    from pipelines.download import plan_url_shards
+    from pipelines.shards import InputError
+
+    pq.write_table(pa.table({"TEXT": ["a"]}), tmp_path / "m.parquet")
+    with pytest.raises(InputError, match="missing column 'URL'"):
+        plan_url_shards(str(tmp_path / "m.parquet"), 100)
+
+
+def test_a_half_replaced_download_is_detected_and_fetched_again(site, tmp_path):
+    from pipelines.download import DownloadOptions, download_shard, plan_url_shards, read_download
+    from pipelines.fetch import FetchOptions
+    from filters.rules import RuleSet
+
+    keys = [k for k in sorted(site["samples"]) if image_ext(site["samples"][k]) == "png"][:1] + \
+        [k for k in sorted(site["samples"]) if image_ext(site["samples"][k]) == "jpg"][:2]
+    rows = [{"URL": site["server"].url(f"/img/{k}.{image_ext(site['samples'][k])}"), "TEXT": "x"} for k in keys]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "m.parquet")
+    shard = plan_url_shards(str(tmp_path / "m.parquet"), 100)[0]
+    opts = DownloadOptions(FetchOptions(connect_timeout=2, read_timeout=2, deadline=4), threads=2)
+    dest, tmp = str(tmp_path / "dl"), str(tmp_path / "_tmp")
+    site["server"].reset_counts()
+    first = download_shard(shard, dest, tmp, RuleSet([]), opts, 100)
+    assert first["success"] == 3 and sum(site["server"].counts.values()) == 3
+    again = download_shard(shard, dest, tmp, RuleSet([]), opts, 100)  # complete: reused
+    assert again["reused"] and sum(site["server"].counts.values()) == 3
+    with open(tmp_path / "dl" / "m.tar", "ab") as f:  # a tar that is not the one its index describes
+        f.write(b"\0" * 512)
+    assert read_download(dest, shard) is None
+    download_shard(shard, dest, tmp, RuleSet([]), opts, 100)
+    assert sum(site["server"].counts.values()) == 6 and read_download(dest, shard) is not None
+    members = tar_samples(str(tmp_path / "dl" / "m.tar"))
+    assert sorted(image_ext(m) for m in members.values()) == ["jpg", "jpg", "png"]
+
+
+def test_img2dataset_failed_rows_are_accounted_as_errors_after_the_samples():
+    from pipelines.img2dataset import failure_kind, merge_index_rows
+    from pipelines.writers import SCORES_SCHEMA
+
+    scores = pa.Table.from_pylist([
+        {"key": "000000001", "row": 0, "status": "kept", "aesthetic": 6.0, "original_width": 10, "original_height": 10},
+        {"key": "000000003", "row": 1, "status": "dropped", "reason": "aesthetic>=5"},
+    ], schema=SCORES_SCHEMA)
+    index = pa.Table.from_pylist([
+        {"key": "000000000", "status": "failed_to_download", "error_message": "HTTP Error 404: Not Found",
+         "url": "http://x/0"},
+        {"key": "000000001", "status": "success", "error_message": None, "url": "http://x/1"},
+        {"key": "000000002", "status": "failed_to_download", "error_message": "<urlopen error timed out>",
+         "url": "http://x/2"},
+        {"key": "000000003", "status": "success", "error_message": None, "url": "http://x/3"},
+        {"key": "000000004", "status": "failed_to_resize", "error_message": "cannot identify image file",
+         "url": "http://x/4"},
+    ])
+    merged = merge_index_rows(scores, index).to_pylist()
+    assert [(r["key"], r["row"], r["status"], r["reason"]) for r in merged] == [
+        ("000000001", 0, "kept", None), ("000000003", 1, "dropped", "aesthetic>=5"),
+        ("000000000", 2, "error", "http_404"), ("000000002", 3, "error", "timeout"),
+        ("000000004", 4, "error", "not_an_image")]
+    assert merged[2]["error"] == "HTTP Error 404: Not Found" and merged[2]["url"] == "http://x/0"
+    assert failure_kind("failed_to_download", "503 Server Error: Service Unavailable") == "http_5xx"
+    assert failure_kind("failed_to_download", "something odd") == "failed_to_download"
+    only_success = index.filter(pa.array([s == "success" for s in index.column("status").to_pylist()]))
+    assert merge_index_rows(scores, only_success).equals(scores)

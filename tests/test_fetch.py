@@ -107,7 +107,7 @@ def test_slow_response_past_the_read_timeout_is_a_timeout_not_retried(server, fe
     t0 = time.monotonic()
     r = fetcher.fetch(url)
     assert (r.kind, r.attempts) == ("timeout", 1)
-    assert time.monotonic() - t0 < 2.5 and server.count("/slow.jpg") == 1
+    assert time.monotonic() - t0 < 4.0 and server.count("/slow.jpg") == 1
 
 
 def test_a_dripping_body_is_cut_at_the_deadline(server, fetcher):
@@ -121,7 +121,7 @@ def test_a_dripping_body_is_cut_at_the_deadline(server, fetcher):
 def test_an_endless_body_is_cut_at_max_bytes(server, fetcher):
     t0 = time.monotonic()
     r = fetcher.fetch(server.add("/endless.jpg", "endless"))
-    assert r.kind == "too_large" and "1000000" in r.message and time.monotonic() - t0 < 2.0
+    assert r.kind == "too_large" and "1000000" in r.message and time.monotonic() - t0 < 4.0
 
 
 def test_an_endless_slow_body_is_cut_by_the_deadline_when_the_size_limit_is_far(server):
@@ -242,3 +242,11 @@ def test_many_urls_from_threads_share_one_fetcher(server, fetcher):
         results = list(pool.map(fetcher.fetch, urls))
     assert all(r.ok for r in results)
     assert [r.data for r in results] == [image_bytes(color=(i, i, i)) for i in range(40)]
+
+
+def test_connections_are_reused_after_complete_bodies(server, fetcher):
+    """Keep-alive: many images from one host go over few connections (counted by the server)."""
+    urls = [server.add(f"/k{i}.jpg", "ok", JPEG) for i in range(10)] + [server.add("/k404", "status", status=404)]
+    for u in urls + urls:
+        fetcher.fetch(u)
+    assert len(server.peers) <= 2, server.peers

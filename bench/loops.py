@@ -1,0 +1,96 @@
+"""The in-process reference loops curate is compared with.
+
+- ``BareModels``: the model work of curate and nothing else — the CLIP image and text towers and
+  the three heads on already-decoded, preprocessed float tensors and already-tokenized captions.
+  What curate's scoring actor could do at best with the same model, batch size and torch threads.
+- ``SinglePurposeTools``: the way one-score-per-tool pipelines compute the same four scores: each
+  tool opens, decodes and preprocesses the image itself and runs its own image forward; the
+  similarity tool also encodes the caption. Four image forwards and four decodes per image,
+  where curate does one of each.
+
+Both are timed in the benchmark's own process, alternating with the curate runs they are compared
+with (so the noise of a shared machine hits both sides alike).
+"""
+
+from __future__ import annotations
+
+import io
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+from filters.clip import ClipEmbedder, ClipSpec
+from filters.heads import load_head
+
+HEAD_FILES = {"aesthetic": "aesthetic_head", "pwatermark": "watermark_head", "punsafe": "nsfw_head"}
+
+
+class Models:
+    """One CLIP model, its preprocess and tokenizer, and the three heads (shared by both loops)."""
+
+    def __init__(self, clip_model: str, heads: dict[str, str]):
+        self.embedder = ClipEmbedder(ClipSpec(clip_model, None), device="cpu")
+        self.model = self.embedder.model
+        self.heads = {name: load_head(name, heads[key], embed_dim=self.embedder.embed_dim)
+                      for name, key in HEAD_FILES.items()}
+
+
+class BareModels:
+    """encode_image + encode_text + heads on ready tensors, ``batch`` rows per forward."""
+
+    def __init__(self, models: Models, jpegs: list[bytes], captions: list[str], batch: int):
+        e = models.embedder
+        self.models = models
+        self.batch = batch
+        n = len(jpegs) - len(jpegs) % batch or len(jpegs)
+        pixels = np.stack([e.pixel_transform(Image.open(io.BytesIO(d))) for d in jpegs[:n]])
+        self.images = e.pixels_to_tensor(pixels)  # normalised float (N, 3, H, W): decoding is not timed
+        self.tokens = e.tokenizer(captions[:n])  # token ids (N, 77): tokenizing is not timed
+
+    @torch.inference_mode()
+    def run(self, batches: int) -> tuple[int, float]:
+        """Run ``batches`` forwards (cycling over the data); returns (images, seconds)."""
+        m = self.models
+        n_avail = len(self.images) // self.batch
+        t0 = time.perf_counter()
+        for b in range(batches):
+            s = (b % n_avail) * self.batch
+            img = torch.nn.functional.normalize(m.model.encode_image(self.images[s:s + self.batch]).float(), dim=-1)
+            txt = torch.nn.functional.normalize(m.model.encode_text(self.tokens[s:s + self.batch]).float(), dim=-1)
+            for head in m.heads.values():
+                head(img)
+            (img * txt).sum(-1)
+        return batches * self.batch, time.perf_counter() - t0
+
+
+class SinglePurposeTools:
+    """Four tools, each with its own decode + preprocess + image forward per image (batched like
+    curate); the similarity tool also tokenizes and encodes the caption."""
+
+    def __init__(self, models: Models, jpegs: list[bytes], captions: list[str], batch: int):
+        self.models = models
+        self.jpegs = jpegs
+        self.captions = captions
+        self.batch = batch
+
+    def _images(self, chunk: list[bytes]) -> torch.Tensor:
+        pre = self.models.embedder.preprocess  # open_clip's own preprocess, as a standalone tool uses it
+        return torch.stack([pre(Image.open(io.BytesIO(d))) for d in chunk])
+
+    @torch.inference_mode()
+    def run(self, batches: int) -> tuple[int, float]:
+        m = self.models
+        n_avail = max(1, len(self.jpegs) // self.batch)
+        t0 = time.perf_counter()
+        for b in range(batches):
+            s = (b % n_avail) * self.batch
+            chunk, caps = self.jpegs[s:s + self.batch], self.captions[s:s + self.batch]
+            for name in ("aesthetic", "pwatermark", "punsafe"):  # one tool per score
+                emb = torch.nn.functional.normalize(m.model.encode_image(self._images(chunk)).float(), dim=-1)
+                m.heads[name](emb)
+            img = torch.nn.functional.normalize(m.model.encode_image(self._images(chunk)).float(), dim=-1)
+            txt = torch.nn.functional.normalize(m.model.encode_text(m.embedder.tokenizer(caps)).float(), dim=-1)
+            (img * txt).sum(-1)
+        return batches * self.batch, time.perf_counter() - t0
