@@ -11,6 +11,8 @@ model. Both halves together compute exactly what ``preprocess(image)`` computes.
 from __future__ import annotations
 
 import os
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -81,8 +83,25 @@ class PixelTransform:
         return arr
 
 
+@contextmanager
+def _on_device(device: torch.device):
+    """Create the model directly on ``device`` when it is ``meta``: no memory, no random init,
+    and a checkpoint's keys and shapes are still checked against the architecture (loading into
+    meta parameters checks them and copies nothing). That is what a driver needs to validate a
+    model and get its preprocessing: ~0.05 s instead of seconds (ViT-B/32) to a minute (ViT-L/14)."""
+    if device.type != "meta":
+        yield
+        return
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter.*")
+        yield
+
+
 class ClipEmbedder:
-    """Loads one open_clip model and embeds images and captions, L2-normalised, in batches."""
+    """Loads one open_clip model and embeds images and captions, L2-normalised, in batches.
+
+    ``device="meta"`` builds the model without weights in memory (see ``_on_device``): the
+    preprocessing, sizes and tokenizer are real, the forwards are not."""
 
     def __init__(self, spec: ClipSpec, device: str = "cpu"):
         import open_clip
@@ -92,9 +111,10 @@ class ClipEmbedder:
         name = spec.resolve_name()
         pretrained = spec.resolve_pretrained()
         try:
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                name, pretrained=pretrained, device=self.device, weights_only=True
-            )
+            with _on_device(self.device):
+                model, _, preprocess = open_clip.create_model_and_transforms(
+                    name, pretrained=pretrained, device=self.device, weights_only=True
+                )
         except RuntimeError as e:
             raise WeightsError(f"cannot load CLIP {spec.model!r} with pretrained={spec.pretrained!r}: {e}") from e
         self.model = model.eval()

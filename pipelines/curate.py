@@ -1,14 +1,15 @@
 """The curate dataflow on Ray Data.
 
-    shards -> read (CPU tasks: tar stream -> samples) -> decode (CPU tasks: bytes -> model pixels)
+    shards -> read + decode (CPU tasks: tar stream -> samples -> model pixels, batch by batch)
            -> score (actor pool: one CLIP image forward + heads + caption similarity)
            -> driver: gather a shard's rows -> write (CPU task: rules, scores parquet,
               curated tar + parquet, embeddings, ledger commit)
 
-Only small rows reach the driver (key, scores, size, caption): image bytes stay in the read and
-decode stages, and the writer copies the kept samples from the source tar untouched. Each shard
-also sends one sentinel row (``row == -1``) carrying its sample count, so the driver knows when a
-shard is complete however the rows are interleaved.
+Only small rows reach the driver (key, scores, size, caption): image bytes stay in the read
+tasks (only model-size pixels travel to the actors, in blocks of one forward batch), and the
+writer copies the kept samples from the source tar untouched. Each shard also sends one sentinel
+row (``row == -1``) carrying its sample count, so the driver knows when a shard is complete
+however the rows are interleaved.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import pyarrow as pa
@@ -32,6 +34,18 @@ from pipelines.readers import iter_tar_samples
 from pipelines.shards import InputShard
 
 READ_BATCH = 64
+
+
+TEXT_COLUMNS = ("key", "caption", "url", "error_kind", "error")
+
+
+def text_columns(batch: dict) -> dict:
+    """The batch with its text columns as object arrays of str/None: a column that reached a stage
+    as float NaN (all None upstream) must not leave it as floats, or the driver cannot merge it."""
+    for c in TEXT_COLUMNS:
+        if c in batch:
+            batch[c] = np.array([text(v) for v in batch[c]], dtype=object)
+    return batch
 
 
 def text(v) -> str | None:
@@ -118,7 +132,7 @@ def decode_batch(batch: dict, pixel_transform, image_size: tuple[int, int], max_
     out = {k: v for k, v in batch.items() if k != "image"}
     out.update(pixels=pixels, original_width=width, original_height=height, generated=generated,
                error_kind=np.array(kinds, dtype=object), error=np.array(errors, dtype=object))
-    return out
+    return text_columns(out)
 
 
 class ScoreStage:
@@ -164,7 +178,7 @@ class ScoreStage:
             if emb is None:
                 emb = np.zeros((n, self.scorer.embedder.embed_dim), dtype=np.float16)
             out["embedding"] = emb
-        return out
+        return text_columns(out)
 
 
 READ_GROUP_BYTES = 256 * 1024**2  # shards are read in groups of about this many bytes (at least one shard)
@@ -185,28 +199,67 @@ def read_batch_rows(batch_size: int) -> int:
     return batch_size * max(1, READ_BATCH // batch_size)
 
 
+def read_decode_rows(batch: dict, rows_per_batch: int, decode_kwargs: dict) -> "Iterator[dict]":  # noqa: F821
+    """Ray Data UDF (CPU tasks): read shards and decode each batch of samples as it is read.
+
+    Decoding in the read task keeps image bytes out of the object store, and yields batches whose
+    size in bytes is fixed by the model's input size: with ``pixel_block_bytes`` as the dataset's
+    target block size, each yielded batch is one block of exactly ``rows_per_batch`` rows."""
+    for b in read_shard_rows(batch, rows_per_batch=rows_per_batch):
+        yield decode_batch(b, **decode_kwargs)
+
+
+def pixel_block_bytes(rows: int, image_size: tuple[int, int]) -> int:
+    """Target block size for batches of ``rows`` decoded images. Ray Data cuts a task's output into
+    blocks when it exceeds the target, and slices blocks of 1.5x the target: a batch of a bit more
+    than 1.25x the target (pixels plus a few small columns) is passed on alone and whole. The
+    default target (128 MiB) held a whole shard in one block, so nothing streamed within a shard
+    and a small dataset went to one actor in one piece."""
+    return int(0.8 * rows * image_size[0] * image_size[1] * 3)
+
+
+@contextmanager
+def block_size(target: int):
+    """Datasets created inside take ``target`` as their block size (they keep the DataContext they
+    were created with); the process's own setting is restored on exit."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    saved = ctx.target_max_block_size
+    ctx.target_max_block_size = target
+    try:
+        yield
+    finally:
+        ctx.target_max_block_size = saved
+
+
 def build_dataset(shards: list[InputShard], cfg: CurateConfig, spec: ScorerSpec, pixel_transform,
                   image_size: tuple[int, int], plan, read_fn=None, read_kwargs: dict | None = None):
-    """``read_fn`` replaces the tar reader (urls mode: download, then read the downloaded tar)."""
+    """``read_fn`` replaces the tar reader (urls mode: download, then read the downloaded tar; there
+    decode stays a stage of its own)."""
     import ray
     from ray.data import ActorPoolStrategy
 
     items = [{"shard": s.name, "url": s.url} for s in shards]
+    decode_kwargs = {"pixel_transform": pixel_transform, "image_size": image_size,
+                     "max_pixels": cfg.max_image_pixels, "exif_transpose": cfg.exif_transpose,
+                     "detect_generated": cfg.detect_generated}
     if read_fn is None:
-        # Small shards are read in groups (one read task per group, one block of the input per
-        # task), their rows packed into batches of a multiple of the forward size: see read_shard_rows.
-        ds = ray.data.from_items(items, override_num_blocks=read_tasks(shards, plan.num_actors))
-        ds = ds.map_batches(read_shard_rows, fn_kwargs={"rows_per_batch": read_batch_rows(cfg.batch_size)},
-                            batch_size=None, num_cpus=plan.read_cpus, zero_copy_batch=True)
+        # Small shards are read in groups (one task per group: one input block each), their rows
+        # packed into batches of a multiple of the forward size (read_shard_rows), decoded in the
+        # same task and passed on one batch per block, so every forward is full but the last one
+        # of each group.
+        rows = read_batch_rows(cfg.batch_size)
+        with block_size(pixel_block_bytes(rows, image_size)):
+            ds = ray.data.from_items(items, override_num_blocks=read_tasks(shards, plan.num_actors))
+        ds = ds.map_batches(read_decode_rows, fn_kwargs={"rows_per_batch": rows, "decode_kwargs": decode_kwargs},
+                            batch_size=None, num_cpus=plan.decode_cpus, zero_copy_batch=True)
     else:
         ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
         ds = ds.map_batches(read_fn, fn_kwargs=read_kwargs, batch_size=1, num_cpus=plan.read_cpus,
                             zero_copy_batch=True)
-    ds = ds.map_batches(decode_batch, fn_kwargs={"pixel_transform": pixel_transform, "image_size": image_size,
-                                                 "max_pixels": cfg.max_image_pixels,
-                                                 "exif_transpose": cfg.exif_transpose,
-                                                 "detect_generated": cfg.detect_generated},
-                        batch_size=cfg.decode_batch_size, num_cpus=plan.decode_cpus)
+        ds = ds.map_batches(decode_batch, fn_kwargs=decode_kwargs, batch_size=cfg.decode_batch_size,
+                            num_cpus=plan.decode_cpus)
     ds = ds.map_batches(
         ScoreStage,
         fn_constructor_args=(spec, plan.device, plan.torch_threads, cfg.embeddings, cfg.batch_size),
@@ -313,8 +366,10 @@ def run_curate(cfg: CurateConfig, log=print) -> dict:
     scorer = None
     models: dict = {}
     if mode in ("images", "urls"):
-        # Load everything once here, so that a bad model or head fails before any work starts.
-        scorer = Scorer(spec, device="cpu")
+        # Check the model and the heads here, so that a bad one fails before any work starts: the
+        # CLIP model is built on the meta device (architecture, checkpoint keys and shapes,
+        # preprocessing; no weights in memory), the actors load the real ones.
+        scorer = Scorer(spec, device="meta")
         models = {"clip_model": cfg.clip_model, "clip_pretrained": cfg.clip_pretrained,
                   "embed_dim": scorer.embedder.embed_dim, "heads": cfg.heads(),
                   "computed": spec.computed(),
@@ -388,11 +443,11 @@ def _run_images(cfg, todo, rules, spec, scorer, layout, log, read_fn=None, read_
 
     from pipelines.progress import Progress
     from pipelines.readers import read_index_parquet  # noqa: F401  (workers import it too)
-    from pipelines.runtime import cluster_resources, plan_resources
+    from pipelines.runtime import cluster_resources, node_cpus, plan_resources
     from pipelines.writers import write_image_shard
 
     cpus, gpus = cluster_resources()
-    plan = plan_resources(cpus, gpus, cfg.device, cfg.num_actors, cfg.actor_cpus)
+    plan = plan_resources(cpus, gpus, cfg.device, cfg.num_actors, cfg.actor_cpus, nodes=node_cpus())
     log(f"ray: {cpus:g} CPU, {gpus:g} GPU; {plan.describe()}")
     pixel_transform, image_size = scorer.pixel_transform, scorer.embedder.image_size
     total = _expected_rows(todo)
@@ -419,7 +474,7 @@ def duplicate_keys_across_shards(layout, names: list[str], examples: int = 20) -
     dups: dict[str, list[str]] = {}
     for name in names:
         with fsutil.open_file(layout.path("scores", f"{name}.parquet")) as f:
-            keys = pq.read_table(f, columns=["key", "reason"])
+            keys = pq.read_table(f, columns=["key", "reason"], use_threads=False)
         for k, reason in zip(keys.column("key").to_pylist(), keys.column("reason").to_pylist()):
             if reason == "duplicate_key" or k is None:
                 continue
@@ -440,7 +495,7 @@ def _expected_rows(shards: list[InputShard]) -> int | None:
             return None
         try:
             with fsutil.open_file(s.index_url) as f:
-                t = pq.read_table(f, columns=None)
+                t = pq.read_table(f, columns=None, use_threads=False)
             if "status" in t.column_names:
                 total += int(pc.sum(pc.equal(t.column("status"), "success")).as_py() or 0)
             else:

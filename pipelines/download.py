@@ -291,7 +291,7 @@ def read_download(dest: str, shard: UrlShard) -> pa.Table | None:
     if not fsutil.exists(index_url) or not fsutil.exists(tar_url):
         return None
     with fsutil.open_file(index_url) as f:
-        index = pq.read_table(f)
+        index = pq.read_table(f, use_threads=False)
     info = json.loads((index.schema.metadata or {}).get(META_KEY, b"{}"))
     fs, path = fsutil.get_fs(tar_url)
     if (info.get("tar_size") != fs.size(path) or info.get("source") != shard.url
@@ -477,7 +477,7 @@ def download_task(shard: UrlShard, dest: str, tmp_dir: str, rules: RuleSet, opti
     summary = download_shard(shard, dest, tmp_dir, rules, options, per_shard)
     tar_url, index_url = download_paths(dest, shard.name)
     with fsutil.open_file(index_url) as f:
-        index = pq.read_table(f, columns=["status", "reason"])
+        index = pq.read_table(f, columns=["status", "reason"], use_threads=False)
     names = {"success": "kept", "skipped": "dropped", "failed_to_download": "error"}
     stats = shard_stats([names[s] for s in index.column("status").to_pylist()], index.column("reason").to_pylist())
     entry = {**stats, "input": shard.url, "rows": [shard.start, shard.stop],

@@ -326,10 +326,10 @@ def _plan(cfg: GenerateConfig):
 
     import torch
 
-    from pipelines.runtime import cluster_resources, plan_resources
+    from pipelines.runtime import cluster_resources, node_cpus, plan_resources
 
     cpus, gpus = cluster_resources()
-    plan = plan_resources(cpus, gpus, cfg.device, cfg.num_actors, cfg.actor_cpus)
+    plan = plan_resources(cpus, gpus, cfg.device, cfg.num_actors, cfg.actor_cpus, nodes=node_cpus())
     if plan.device == "cpu":
         plan = dataclasses.replace(plan, torch_threads=cfg.threads or torch.get_num_threads())
     return plan

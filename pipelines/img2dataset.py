@@ -38,6 +38,10 @@ INDEX_SCHEMA = pa.schema([
     ("source_row", pa.int64()),  # row of the metadata parquet this came from
 ])
 META_KEY = b"shardsmith.download"
+# Index statuses of input rows that have no sample: img2dataset's, and the download step's
+# ``skipped``. (Other producers' statuses, e.g. shardsmith generate's ``error`` for a prompt that
+# made no image, are not download failures and are left to those tools.)
+NO_SAMPLE_STATUSES = ("failed_to_download", "failed_to_resize", "skipped")
 
 _HTTP_CODE = re.compile(r"(?:HTTP Error |HTTP |status code )(\d{3})|\b(\d{3}) (?:Client|Server) Error", re.I)
 
@@ -114,8 +118,8 @@ def original_sizes_from_index(results: pa.Table, index: pa.Table | None) -> pa.T
 
 def merge_index_rows(scores: pa.Table, index: pa.Table | None) -> pa.Table:
     """``scores`` (the tar's samples, decided) plus one row per index row that has no sample and
-    is not a success: ``skipped`` -> dropped with the recorded rule, any failure -> error with its
-    kind and message.
+    whose status says why (``NO_SAMPLE_STATUSES``): ``skipped`` -> dropped with the recorded rule,
+    a failure -> error with its kind and message.
 
     Row numbers: a shardsmith download index lists every metadata row in order, so there a row's
     number is its index position (= its metadata row), when the index has every sample's key once.
@@ -127,7 +131,8 @@ def merge_index_rows(scores: pa.Table, index: pa.Table | None) -> pa.Table:
     status = _strings(index, "status")
     sample_keys = scores.column("key").to_pylist()
     scored = set(sample_keys)
-    extra = [i for i, (k, s) in enumerate(zip(keys, status)) if k is not None and s != "success" and k not in scored]
+    extra = [i for i, (k, s) in enumerate(zip(keys, status))
+             if k is not None and s in NO_SAMPLE_STATUSES and k not in scored]
     if not extra:
         return scores
     messages, reasons = _strings(index, "error_message"), _strings(index, "reason")

@@ -84,7 +84,7 @@ def read_prompt_table(url: str) -> pa.Table:
     try:
         with fsutil.open_file(url, "rb") as f:
             if url.endswith(".parquet"):
-                t = pq.read_table(f)
+                t = pq.read_table(f, use_threads=False)
             elif url.endswith((".jsonl", ".json", ".ndjson")):
                 t = pjson.read_json(f)
             elif url.endswith((".csv", ".tsv")):

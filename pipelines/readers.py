@@ -120,7 +120,7 @@ def read_index_parquet(url: str) -> pa.Table | None:
     if not fsutil.exists(url):
         return None
     with fsutil.open_file(url, "rb") as f:
-        return pq.read_table(f)
+        return pq.read_table(f, use_threads=False)
 
 
 # LAION metadata: canonical column -> accepted spellings (compared case-insensitively).

@@ -63,8 +63,28 @@ class ResourcePlan:
                 f"({self.actor_cpus:g} CPU, {self.actor_gpus:g} GPU, {self.torch_threads} torch threads each)")
 
 
+MAX_CPU_ACTORS_PER_NODE = 8  # each actor holds a copy of the model (ViT-L/14: 1.7 GB in fp32)
+
+
+def _cpu_node_plan(c: float) -> tuple[int, float]:
+    """(actors, CPUs per actor) for a CPU node with ``c`` logical CPUs.
+
+    The model is nearly all of the work: decoding and resizing a 256-1024 px JPEG costs ~6 ms, one
+    ViT-B/32 image + caption forward ~200 ms on one core (bench/), so one CPU's worth of read,
+    decode and write tasks feeds many actors. The rest goes to actors of one thread each where
+    possible: threads within one forward scale worse than processes (1.5x for 2 threads) and a
+    multi-threaded forward stalls when another process takes one of its cores. On one CPU, half of
+    it is left to the data tasks (an actor holding the whole CPU would starve them: a hang)."""
+    reserve = 1.0 if c >= 2 else c / 2
+    usable = max(c - reserve, 0.25)
+    n = max(1, min(MAX_CPU_ACTORS_PER_NODE, int(usable)))
+    return n, usable / n
+
+
 def plan_resources(cpus: float, gpus: float, device: str = "auto", num_actors: int = 0,
-                   actor_cpus: float = 0.0) -> ResourcePlan:
+                   actor_cpus: float = 0.0, nodes: list[float] | None = None) -> ResourcePlan:
+    """``nodes``: the CPUs of each node (CPU actors are planned per node: a cluster of two 1-CPU
+    nodes gets an actor on each); default one node with ``cpus``."""
     if device == "auto":
         device = "cuda" if gpus >= 1 else "cpu"
     if device.startswith("cuda"):
@@ -73,9 +93,10 @@ def plan_resources(cpus: float, gpus: float, device: str = "auto", num_actors: i
         n = num_actors or int(gpus)
         a_cpus = actor_cpus or min(1.0, max(cpus / max(n, 1) / 2, 0.25))
         return ResourcePlan(device, n, a_cpus, 1.0, max(1, int(a_cpus)), 0.5, 0.25, 0.25)
-    # CPU: half the CPUs compute, the other half decode and read.
-    a_cpus = actor_cpus or (1.0 if cpus >= 2 else max(cpus / 2, 0.25))
-    n = num_actors or max(1, int(cpus // (2 * a_cpus)))
+    per_node = [_cpu_node_plan(c) for c in (nodes or [cpus]) if c > 0] or [_cpu_node_plan(cpus)]
+    # one actor size for the pool (Ray Data's actors are alike): the smallest node's
+    a_cpus = actor_cpus or min(a for _, a in per_node)
+    n = num_actors or sum(k for k, _ in per_node)
     threads = max(1, int(round(a_cpus)))
     return ResourcePlan("cpu", n, a_cpus, 0.0, threads, 0.5 if cpus >= 2 else 0.25, 0.25, 0.25)
 
@@ -85,6 +106,13 @@ def cluster_resources() -> tuple[float, float]:
 
     res = ray.cluster_resources()
     return float(res.get("CPU", 1.0)), float(res.get("GPU", 0.0))
+
+
+def node_cpus() -> list[float]:
+    """The CPUs of each alive node of the connected cluster."""
+    import ray
+
+    return [float(n.get("Resources", {}).get("CPU", 0.0)) for n in ray.nodes() if n.get("Alive")]
 
 
 def node_id() -> str:

@@ -389,3 +389,14 @@ def test_img2dataset_failed_rows_are_accounted_as_errors_after_the_samples():
     assert failure_kind("failed_to_download", "something odd") == "failed_to_download"
     only_success = index.filter(pa.array([s == "success" for s in index.column("status").to_pylist()]))
     assert merge_index_rows(scores, only_success).equals(scores)
+
+
+def test_only_download_statuses_are_merged():
+    """Another producer's index statuses (generate's `error`: a prompt that made no image) are not
+    download failures: left alone."""
+    from pipelines.img2dataset import merge_index_rows
+    from pipelines.writers import SCORES_SCHEMA
+
+    scores = pa.Table.from_pylist([{"key": "a", "row": 0, "status": "kept"}], schema=SCORES_SCHEMA)
+    index = pa.Table.from_pylist([{"key": "a", "status": "success"}, {"key": "b", "status": "error"}])
+    assert merge_index_rows(scores, index).equals(scores)

@@ -168,27 +168,39 @@ def cmdline(pid: int) -> str:
 
 
 def test_killed_scoring_actor_is_retried_and_visible_in_stats(cluster, tiny_models, tmp_path):
-    """Kill the scoring actor after the first shard is committed, while others are in flight."""
+    """Kill the scoring actor once the driver has received some scored rows but less than half."""
+    import re
+    import threading
+
     from jobs.sample_data import make_sample_data
 
     c, env = cluster
-    data = make_sample_data(str(tmp_path / "data"), shards=6, per_shard=40, metadata_files=1, metadata_rows=10,
-                            max_size=160, seed=3)
+    data = make_sample_data(str(tmp_path / "data"), shards=8, per_shard=50, metadata_files=1, metadata_rows=10,
+                            max_size=400, seed=3)
     out = tmp_path / "out"
-    proc = cli(curate_args(data["images"], out, tiny_models, c.gcs_address) + ["--batch-size", "2"], env)
+    args = [a for a in curate_args(data["images"], out, tiny_models, c.gcs_address) if a != "--quiet"]
+    proc = subprocess.Popen([sys.executable, "-m", *args, "--batch-size", "2"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True)
+    reader.start()
     head_pid = c.nodes[0][0].pid
-    victim, deadline = None, time.monotonic() + 180
-    while victim is None and time.monotonic() < deadline and proc.poll() is None:
-        if os.path.isdir(out / "_ledger") and os.listdir(out / "_ledger"):
+    killed, deadline = False, time.monotonic() + 240
+    while not killed and time.monotonic() < deadline and proc.poll() is None:
+        done = [int(m.group(1)) for m in (re.search(r"\[curate\] (\d+)/\d+ rows", ln) for ln in list(lines)) if m]
+        if done and 0 < done[-1] < 200:
             victim = next((p for p in descendants(head_pid) if "ScoreStage" in cmdline(p)), None)
+            if victim:
+                os.kill(victim, signal.SIGKILL)
+                killed = True
         time.sleep(0.1)
-    assert victim is not None, "no scoring actor seen while the run was in flight"
-    os.kill(victim, signal.SIGKILL)
-    code, _, err = finish(proc)
-    assert code == 0, err[-3000:]
+    assert killed, "the run never showed partial progress with a live scoring actor:\n" + "".join(lines)[-2000:]
+    code = proc.wait(timeout=300)
+    reader.join(timeout=10)
+    assert code == 0, "".join(lines)[-3000:]
     stats = json.load(open(out / "stats.json"))
-    assert stats["kept"] + stats["dropped"] + stats["errors"] == stats["rows_read"] == 240
-    assert len(os.listdir(out / "_ledger")) == 6
+    assert stats["kept"] + stats["dropped"] + stats["errors"] == stats["rows_read"] == 400
+    assert len(os.listdir(out / "_ledger")) == 8
     assert stats["scoring_actor_instances"] >= 2, stats["scoring_actor_instances"]  # the restart shows
     FIGURES["actor_kills_survived"] += 1
     FIGURES["rows_checked"] += stats["rows_read"]

@@ -147,7 +147,8 @@ def test_watermark_decodes_and_curate_reads_generated_shards_back(ray_local, tin
     stats = run_curate(curate_config(tmp_path / "wm", tmp_path / "curated", tiny_models, preset=None,
                                      detect_generated=True, report=False), **QUIET)
     rows = {r["key"]: r for r in read_scores(tmp_path / "curated").to_pylist()}
-    assert stats["rows_read"] == 5 and stats["errors"] == 0  # the 5 images made; error rows have no image
+    # every prompt row is accounted for: the 5 images made, and the 4 error rows of the index parquet
+    assert stats["rows_read"] == 9 and stats["errors"] == 4
     assert rows["00000007"]["generated"] is True  # 256 px: carries the watermark
     assert rows["00000000"]["generated"] is False  # 64 px: too small to carry it
     assert rows["00000001"]["caption"] == "a mountain lake"
