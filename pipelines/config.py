@@ -45,6 +45,7 @@ class CurateConfig:
     max_image_pixels: int = 178_956_970
     exif_transpose: bool = False
     detect_generated: bool = False  # look for shardsmith's invisible watermark: `generated` column
+    fast_decode: bool = False  # reduced-size JPEG decoding (PIL draft): faster, pixels not exactly preprocess's
     address: str | None = None  # Ray address; None = a local Ray
     overwrite: bool = False
     progress: bool = True
@@ -80,6 +81,8 @@ class CurateConfig:
         """What decides the outputs: a rerun into the same OUTPUT must match it to resume."""
         keys = ("mode", "clip_model", "clip_pretrained", "aesthetic_head", "watermark_head", "nsfw_head",
                 "similarity", "embeddings", "max_image_pixels", "exif_transpose", "detect_generated")
+        if self.fast_decode:  # only when on: runs without it keep their fingerprint
+            keys += ("fast_decode",)
         if self.mode == "urls":  # the fetch settings that change what is stored (timeouts do not)
             keys += ("urls_per_shard", "resize_max_side", "opt_out_directives")
         return {"rules": self.all_rules(), **{k: getattr(self, k) for k in keys}}

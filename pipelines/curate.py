@@ -109,8 +109,10 @@ def _sample_batch(rows: list) -> dict:
 
 
 def decode_batch(batch: dict, pixel_transform, image_size: tuple[int, int], max_pixels: int,
-                 exif_transpose: bool, detect_generated: bool = False) -> dict:
-    """Ray Data UDF (CPU tasks): image bytes -> model-size uint8 pixels + original size."""
+                 exif_transpose: bool, detect_generated: bool = False, fast: bool = False) -> dict:
+    """Ray Data UDF (CPU tasks): image bytes -> model-size uint8 pixels + original size.
+    ``fast``: reduced-size JPEG decoding (``--fast-decode``, see pipelines.decode.decode)."""
+    draft_size = image_size[::-1] if fast else None  # PIL sizes are (width, height)
     n = len(batch["row"])
     pixels = np.zeros((n, *image_size, 3), dtype=np.uint8)
     width = np.full(n, -1, dtype=np.int64)
@@ -122,7 +124,7 @@ def decode_batch(batch: dict, pixel_transform, image_size: tuple[int, int], max_
         if batch["row"][i] == SENTINEL or text(kinds[i]) is not None:
             continue
         try:
-            d = decode(batch["image"][i], pixel_transform, max_pixels, exif_transpose, detect_generated)
+            d = decode(batch["image"][i], pixel_transform, max_pixels, exif_transpose, detect_generated, draft_size)
         except DecodeError as e:
             kinds[i], errors[i] = e.kind, e.message
             continue
@@ -243,7 +245,7 @@ def build_dataset(shards: list[InputShard], cfg: CurateConfig, spec: ScorerSpec,
     items = [{"shard": s.name, "url": s.url} for s in shards]
     decode_kwargs = {"pixel_transform": pixel_transform, "image_size": image_size,
                      "max_pixels": cfg.max_image_pixels, "exif_transpose": cfg.exif_transpose,
-                     "detect_generated": cfg.detect_generated}
+                     "detect_generated": cfg.detect_generated, "fast": cfg.fast_decode}
     if read_fn is None:
         # Small shards are read in groups (one task per group: one input block each), their rows
         # packed into batches of a multiple of the forward size (read_shard_rows), decoded in the

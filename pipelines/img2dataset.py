@@ -41,7 +41,8 @@ META_KEY = b"shardsmith.download"
 # Index statuses of input rows that have no sample: img2dataset's, and the download step's
 # ``skipped``. (Other producers' statuses, e.g. shardsmith generate's ``error`` for a prompt that
 # made no image, are not download failures and are left to those tools.)
-NO_SAMPLE_STATUSES = ("failed_to_download", "failed_to_resize", "skipped")
+# "error": a generate/augment row that produced no image
+NO_SAMPLE_STATUSES = ("failed_to_download", "failed_to_resize", "skipped", "error")
 
 _HTTP_CODE = re.compile(r"(?:HTTP Error |HTTP |status code )(\d{3})|\b(\d{3}) (?:Client|Server) Error", re.I)
 

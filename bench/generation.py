@@ -1,0 +1,85 @@
+"""Figure 4: ``generate`` against a direct diffusers loop (same pipeline, prompts, seeds, one image
+per pipeline call, same torch threads), alternating direct, generate, direct.
+
+generate is timed end to end (``run_generate()``: prompt table, plan, actor start and pipeline
+load, the images, PNG encoding, shard writing and commit) on an already-running Ray. It runs with
+``--no-watermark``: the direct loop does not watermark (the watermark is skipped below 256 px
+anyway, and these images are 128 px). Both sides use one torch thread: on this shared machine a
+2-thread diffusers forward was measured 10-30x slower whenever another process took a core (its
+threads wait for each other at every op), which would make either side's rate pure noise.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from bench.measure import figure, median, paired_ratios, rnd, say
+
+PROMPTS = ["a watercolor of a lighthouse at dusk", "a red bicycle in the rain", "a bowl of fruit, oil painting",
+           "a snowy cabin in a forest", "a city street at night, photo", "a field of sunflowers",
+           "a sleeping cat on a sofa", "a wooden boat on a lake"]
+
+
+def prompt_table(path: str, n: int) -> list[dict]:
+    rows = [{"key": f"p{i:04d}", "prompt": PROMPTS[i % len(PROMPTS)], "seed": 1000 + i} for i in range(n)]
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return rows
+
+
+def run(sd_dir: str, work: str, images: int, direct_images: int, steps: int, size: int, threads: int = 1,
+        batch: int = 4) -> dict:
+    from filters.diffusion import Diffuser, DiffusionSpec
+    from pipelines.generate import GenerateConfig, run_generate
+    from pipelines.prompts import Defaults
+
+    os.makedirs(work, exist_ok=True)
+    rows = prompt_table(os.path.join(work, "prompts.parquet"), images)
+    torch.set_num_threads(threads)
+    say(f"generation: loading the pipeline for the direct loop ({steps} steps, {size}x{size}, {threads} thread)")
+    diffuser = Diffuser(DiffusionSpec(sd_dir))
+    guidance = 7.5
+
+    def direct(chunk: list[dict]) -> float:
+        t0 = time.perf_counter()
+        for r in chunk:
+            diffuser.txt2img(r["prompt"], None, r["seed"], steps, guidance, size, size)
+        s = time.perf_counter() - t0
+        say(f"  direct diffusers loop: {len(chunk)} images in {s:.1f} s = {len(chunk) / s:.3f} images/s")
+        return len(chunk) / s
+
+    def generate() -> float:
+        out = os.path.join(work, "gen-out")
+        shutil.rmtree(out, ignore_errors=True)
+        cfg = GenerateConfig(output=out, model=sd_dir, prompts=os.path.join(work, "prompts.parquet"), threads=threads,
+                             batch_size=batch, shard_size=max(1, images // 2), watermark=False, progress=False,
+                             defaults=Defaults(num_inference_steps=steps, guidance_scale=guidance, width=size,
+                                               height=size))
+        t0 = time.perf_counter()
+        stats = run_generate(cfg, log=lambda *a: None)
+        s = time.perf_counter() - t0
+        assert stats["generated"] == images, stats
+        shutil.rmtree(out, ignore_errors=True)
+        say(f"  generate: {images} images in {s:.1f} s = {images / s:.3f} images/s")
+        return images / s
+
+    diffuser.txt2img(rows[0]["prompt"], None, 0, 1, guidance, size, size)  # warm-up
+    d = [direct(rows[:direct_images])]
+    g = [generate()]
+    d.append(direct(rows[direct_images:2 * direct_images]))
+    ratios = paired_ratios(g, d)
+    return {"generation_efficiency": figure(
+        median(ratios), 0.90, ratios=rnd(ratios, 4), generate_images_per_s=rnd(g, 4),
+        direct_diffusers_images_per_s=rnd(d, 4), images=images, direct_images_per_measurement=direct_images,
+        pipeline="SD 1.x-style, random weights: UNet 64/128/192 channels (15.8 M parameters), tiny VAE and "
+                 "text encoder, DDIM", steps=steps, size=f"{size}x{size}", guidance_scale=guidance,
+        torch_threads=threads, actor_batch_size=batch,
+        what="generate images/s / direct diffusers loop images/s (pipe(prompt, generator=Generator('cpu')"
+             ".manual_seed(seed)) per image), alternating direct, generate, direct",
+        included="run_generate() wall time: prompt table, plan, actor start + pipeline load, images, PNG, "
+                 "shards, commit; Ray already running; --no-watermark")}

@@ -1,0 +1,142 @@
+"""``make bench`` / ``python -m bench.run``: measure where shardsmith's time goes, as ratios.
+
+Builds the inputs (cached in ``bench/out/``), starts one local Ray the way ``shardsmith curate``
+does, then measures, each side by side with its reference on the same data:
+
+1. scoring_efficiency, 2. speedup_vs_single_purpose, 3. memory_growth_10x  (bench/scoring.py)
+4. generation_efficiency                                                   (bench/generation.py)
+5. metadata_filter_rows_per_s                                              (bench/metadata_filter.py)
+6. scale_out_2_nodes, on its own pinned local clusters                     (bench/scaleout.py)
+
+plus ``--fast-decode``'s speed and deviation (bench/fast_decode.py). Writes ``bench/results.json``
+and ``bench/results.md`` after every figure; exits 1 when a figure misses its target or fails.
+
+    python -m bench.run [--only scoring,generation,metadata,fast_decode,scaleout] [--quick]
+
+``--quick`` shrinks everything to check that the harness runs (its figures mean nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# Sized so that the whole run takes ~15 minutes on 2 cores, and each curate run is long enough
+# (~2 minutes) for its fixed costs (actor start and model load) to be a few percent.
+SIZES = {
+    "default": {"shards": 10, "per_shard": 64, "meta_files": 4, "meta_rows": 1_000_000, "gen_images": 30,
+                "gen_direct": 8, "gen_steps": 12, "gen_size": 128, "scaleout_shards": 6, "fast_images": 64},
+    "quick": {"shards": 2, "per_shard": 64, "meta_files": 2, "meta_rows": 100_000, "gen_images": 4,
+              "gen_direct": 2, "gen_steps": 2, "gen_size": 64, "scaleout_shards": 2, "fast_images": 64},
+}
+STEPS = ("scoring", "metadata", "generation", "fast_decode", "scaleout")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", help=f"comma-separated subset of {','.join(STEPS)}")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: check the harness, not the figures")
+    p.add_argument("--out", default=HERE, help="where results.json and results.md go (default bench/)")
+    p.add_argument("--work", default=os.path.join(HERE, "out"), help="cached inputs and scratch (default bench/out)")
+    args = p.parse_args(argv)
+    steps = [s.strip() for s in args.only.split(",")] if args.only else list(STEPS)
+    unknown = [s for s in steps if s not in STEPS]
+    if unknown:
+        p.error(f"unknown step(s) {unknown}; known: {', '.join(STEPS)}")
+    size = SIZES["quick" if args.quick else "default"]
+
+    from bench import data as bdata
+    from bench.measure import say
+    from bench.results import Results
+
+    results = Results(args.out)
+    results.doc["sizes"] = {"name": "quick" if args.quick else "default", **size}
+    os.makedirs(args.work, exist_ok=True)
+    say(f"inputs in {args.work} (built once, then reused)")
+    images = bdata.make_image_shards(os.path.join(args.work, f"images-{size['shards']}x{size['per_shard']}"),
+                                     size["shards"], size["per_shard"])
+    heads = bdata.make_heads(os.path.join(args.work, "heads"))
+    results.doc["dataset"]["images"] = images
+    if "metadata" in steps:
+        meta = bdata.make_metadata(os.path.join(args.work, f"meta-{size['meta_files']}x{size['meta_rows']}"),
+                                   size["meta_files"], size["meta_rows"])
+        results.doc["dataset"]["metadata"] = {k: v for k, v in meta.items() if k != "paths"}
+    if "generation" in steps:
+        sd_dir = bdata.make_sd_pipeline(os.path.join(args.work, "sd-bench"))
+    results.save()
+
+    def attempt(name: str, fn) -> None:
+        try:
+            out = fn()
+            results.add(out)
+        except Exception:
+            results.doc["errors"][name] = traceback.format_exc()
+            results.save()
+            say(f"{name}: FAILED\n{traceback.format_exc()}")
+
+    local = [s for s in steps if s != "scaleout"]
+    if local:
+        from pipelines.runtime import node_cpus, plan_resources, ray_session
+
+        t0 = time.perf_counter()
+        with ray_session():
+            results.doc["extras"]["ray_start_s"] = round(time.perf_counter() - t0, 2)
+            import ray
+
+            cpus = float(ray.cluster_resources().get("CPU", 1))
+            plan = plan_resources(cpus, 0.0, nodes=node_cpus())
+            results.doc["extras"]["plan"] = plan.describe()
+            batch = 64
+            say(f"local Ray up in {results.doc['extras']['ray_start_s']} s; curate's plan here: {plan.describe()}")
+            if "scoring" in steps:
+                from bench import scoring
+
+                say("figures 1-3: curate vs bare models, vs single-purpose tools, memory at 1x and 10x")
+                attempt("scoring", lambda: scoring.run(images, heads, args.work, plan.torch_threads, batch,
+                                                       quick=args.quick))
+            if "metadata" in steps:
+                from bench import metadata_filter
+
+                say("figure 5: metadata-only curate vs one pyarrow filter")
+                attempt("metadata", lambda: metadata_filter.run(meta, args.work))
+            if "generation" in steps:
+                from bench import generation
+
+                say("figure 4: generate vs a direct diffusers loop")
+                attempt("generation", lambda: generation.run(sd_dir, args.work, size["gen_images"],
+                                                             size["gen_direct"], size["gen_steps"], size["gen_size"]))
+            if "fast_decode" in steps:
+                from bench import fast_decode
+
+                say("extra: --fast-decode speed and deviation")
+
+                def fd():
+                    results.doc["extras"]["fast_decode"] = fast_decode.run(images, heads, size["fast_images"],
+                                                                           plan.torch_threads, batch)
+                    return {}
+
+                attempt("fast_decode", fd)
+    if "scaleout" in steps:
+        from bench import scaleout
+
+        say("figure 6: scale-out, 2 nodes x 1 CPU vs 1 node x 1 CPU (each node pinned to a core)")
+        attempt("scaleout", lambda: scaleout.run(images, size["scaleout_shards"], heads, args.work, 64))
+    results.save()
+    say(f"wrote {results.json_path} and {results.md_path}")
+    with open(results.md_path) as f:
+        print(f.read())
+    return 0 if results.doc["all_pass"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
