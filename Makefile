@@ -26,7 +26,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PY) -m pytest -q -m bench bench/
+	$(PY) -m bench.run
 
 clean:
 	rm -rf demo-output .pytest_cache
