@@ -38,18 +38,19 @@ INDEX_SCHEMA = pa.schema([
     ("source_row", pa.int64()),  # row of the metadata parquet this came from
 ])
 META_KEY = b"shardsmith.download"
-# Index statuses of input rows that have no sample: img2dataset's, and the download step's
-# ``skipped``. (Other producers' statuses, e.g. shardsmith generate's ``error`` for a prompt that
-# made no image, are not download failures and are left to those tools.)
-# "error": a generate/augment row that produced no image
+# Index statuses of input rows that have no sample: img2dataset's, the download step's
+# ``skipped``, and "error": a shardsmith generate/augment row that produced no image.
 NO_SAMPLE_STATUSES = ("failed_to_download", "failed_to_resize", "skipped", "error")
 
 _HTTP_CODE = re.compile(r"(?:HTTP Error |HTTP |status code )(\d{3})|\b(\d{3}) (?:Client|Server) Error", re.I)
 
 
 def failure_kind(status: str, message: str | None) -> str:
-    """An error kind for an index row that has no ``reason`` (img2dataset's own parquet): read
-    from its ``error_message`` where it is recognisable, else the status itself."""
+    """An error kind for an index row that has no ``reason``: shardsmith generate/augment's
+    ``error`` rows are ``generation_error`` (their own stats' kind); img2dataset's failures are
+    read from the ``error_message`` where it is recognisable, else the status itself."""
+    if status == "error":
+        return "generation_error"
     msg = message or ""
     m = _HTTP_CODE.search(msg)
     if m:

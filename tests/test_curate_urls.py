@@ -391,12 +391,17 @@ def test_img2dataset_failed_rows_are_accounted_as_errors_after_the_samples():
     assert merge_index_rows(scores, only_success).equals(scores)
 
 
-def test_only_download_statuses_are_merged():
-    """Another producer's index statuses (generate's `error`: a prompt that made no image) are not
-    download failures: left alone."""
+
+def test_other_producers_failed_rows_are_merged_with_their_kind():
+    """Only no-sample statuses are merged: shardsmith generate's `error` rows (a prompt that made no
+    image) are input rows too; an unknown status is left alone."""
     from pipelines.img2dataset import merge_index_rows
     from pipelines.writers import SCORES_SCHEMA
 
     scores = pa.Table.from_pylist([{"key": "a", "row": 0, "status": "kept"}], schema=SCORES_SCHEMA)
-    index = pa.Table.from_pylist([{"key": "a", "status": "success"}, {"key": "b", "status": "error"}])
-    assert merge_index_rows(scores, index).equals(scores)
+    index = pa.Table.from_pylist([{"key": "a", "status": "success", "error_message": None},
+                                  {"key": "b", "status": "error", "error_message": "cannot decode: no prompt"},
+                                  {"key": "c", "status": "pending", "error_message": None}])
+    merged = merge_index_rows(scores, index).to_pylist()
+    assert [(r["key"], r["row"], r["status"], r["reason"]) for r in merged] == [
+        ("a", 0, "kept", None), ("b", 1, "error", "generation_error")]
