@@ -58,12 +58,14 @@ def read_shard_rows(batch: dict, rows_per_batch: int = READ_BATCH) -> "Iterator[
     """Ray Data UDF: one input row per shard -> batches of samples (bytes), each shard followed by
     its sentinel.
 
-    The shards of one call are read in turn and their rows packed into batches of exactly
-    ``rows_per_batch`` rows across shard boundaries: the scoring actor's forwards have a fixed size
-    (the last chunk of a batch is padded), so a batch holding a shard's short tail would spend a
-    whole forward on padding. Packed, only the last batch of the call is short."""
+    The shards of one call are read in turn and their rows packed across shard boundaries into
+    batches holding exactly ``rows_per_batch`` samples with an image, plus the rows that need no
+    forward (sentinels, samples the reader already marked as errors): the scoring actor's forwards
+    have a fixed size (a short chunk is padded), so a batch holding a shard's short tail would
+    spend a forward on padding. Packed, only the last batch of the call is short."""
     limits = batch["limit"] if "limit" in batch else [0] * len(batch["shard"])
     buf: list = []
+    images = 0  # rows of ``buf`` that will need a forward
     for name, url, limit in zip(batch["shard"], batch["url"], limits):
         name = str(name)
         count = 0
@@ -80,13 +82,11 @@ def read_shard_rows(batch: dict, rows_per_batch: int = READ_BATCH) -> "Iterator[
                     url_field = None
             buf.append((name, s.row, s.key, s.image if s.error_kind is None else None, s.caption(),
                         str(url_field) if url_field is not None else None, s.error_kind, s.error, -1))
-            if len(buf) >= rows_per_batch:
+            images += s.error_kind is None
+            if images >= rows_per_batch:
                 yield _sample_batch(buf)
-                buf = []
+                buf, images = [], 0
         buf.append((name, SENTINEL, None, None, None, None, None, None, count))
-        if len(buf) >= rows_per_batch:
-            yield _sample_batch(buf)
-            buf = []
     if buf:
         yield _sample_batch(buf)
 
@@ -206,7 +206,8 @@ def read_decode_rows(batch: dict, rows_per_batch: int, decode_kwargs: dict) -> "
 
     Decoding in the read task keeps image bytes out of the object store, and yields batches whose
     size in bytes is fixed by the model's input size: with ``pixel_block_bytes`` as the dataset's
-    target block size, each yielded batch is one block of exactly ``rows_per_batch`` rows."""
+    target block size, each yielded batch is one block (``rows_per_batch`` samples to score, plus
+    sentinels and reader errors)."""
     for b in read_shard_rows(batch, rows_per_batch=rows_per_batch):
         yield decode_batch(b, **decode_kwargs)
 
@@ -268,7 +269,10 @@ def build_dataset(shards: list[InputShard], cfg: CurateConfig, spec: ScorerSpec,
         # Start the whole pool at once: Ray Data spreads the actors over the nodes, and a pool that
         # starts at one actor only grows under backpressure, which a small run never builds.
         compute=ActorPoolStrategy(min_size=1, max_size=plan.num_actors, initial_size=plan.num_actors),
-        batch_size=cfg.batch_size,
+        # On CPU, one read batch per call (whole blocks: a forward batch of samples plus the rows
+        # that need none), so that no forward is padded but the last; Ray Data refuses whole
+        # blocks for GPU stages, where a padded forward also costs far less.
+        batch_size=None if read_fn is None and plan.actor_gpus == 0 else cfg.batch_size,
         num_cpus=plan.actor_cpus,
         num_gpus=plan.actor_gpus,
     )
@@ -463,7 +467,9 @@ def _run_images(cfg, todo, rules, spec, scorer, layout, log, read_fn=None, read_
         return writer.remote(by_name[name], table, rules, cfg.output, emb if cfg.embeddings else None,
                              {"node_ids": nodes, "scored_by": scorers})
 
-    drive(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2), ShardCollector(),
+    # No prefetching: the rows are small, and a prefetching iterator hands each block over only
+    # when the next one is ready (a scored batch late), which delays every shard's commit.
+    drive(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0), ShardCollector(),
           submit, progress)
 
 
