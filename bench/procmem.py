@@ -2,9 +2,10 @@
 
 A local Ray started by ``ray.init`` is a tree under the driver: GCS, raylet, dashboard agent, and
 every worker and actor as children of the raylet. The sampler sums ``VmRSS`` over the driver and
-all of its descendants a few times a second and keeps the peak of that sum. Shared pages (the
+all of its descendants twice a second and keeps the peak of that sum. Shared pages (the
 object store's shared memory, shared libraries) are counted once per process that maps them, so
 the sum overstates the machine's real use; it is a consistent yardstick for comparing two runs.
+The process list is rescanned every 2 s (workers appear and go), their RSS read every 0.5 s.
 Linux only (no psutil in the stack).
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 
 def _children_map() -> dict[int, list[int]]:
@@ -64,9 +66,13 @@ class PeakRss:
     benchmark's own process is the curate driver, but also holds the reference loops' models,
     which are no part of a curate run."""
 
-    def __init__(self, root: int | None = None, interval: float = 0.25, root_growth_only: bool = False):
+    def __init__(self, root: int | None = None, interval: float = 0.5, root_growth_only: bool = False,
+                 rescan: float = 2.0):
         self.root = root or os.getpid()
         self.interval = interval
+        self.rescan = rescan  # listing every process of the machine costs more than reading a few
+        self._pids: list[int] = []
+        self._scanned = 0.0
         self.root_base = rss_bytes(self.root) if root_growth_only else 0
         self.peak = 0
         self.peak_processes = 0
@@ -75,7 +81,10 @@ class PeakRss:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _sample(self) -> tuple[int, int]:
-        pids = tree(self.root)
+        now = time.monotonic()
+        if now - self._scanned >= self.rescan:
+            self._pids, self._scanned = tree(self.root), now
+        pids = self._pids
         total = sum(rss_bytes(p) for p in pids if p != self.root)
         total += max(0, rss_bytes(self.root) - self.root_base)
         return total, len(pids)

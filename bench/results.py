@@ -56,6 +56,7 @@ def machine() -> dict:
 
 class Results:
     def __init__(self, out_dir: str):
+        os.makedirs(out_dir, exist_ok=True)
         self.json_path = os.path.join(out_dir, "results.json")
         self.md_path = os.path.join(out_dir, "results.md")
         self.doc: dict = {"started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine(),

@@ -10,9 +10,9 @@ auth, free ports, stopped by process group); their workers run at niceness 0 lik
 shardsmith's (``pipelines.runtime.LOCAL_SYSTEM_CONFIG``).
 
 Two numbers per run: end-to-end (the driver's ``run_curate()`` wall time) and steady-state
-throughput (rows after the first scored batch / time from the first to the last scored batch
-at the driver), which leaves out what does not scale with nodes — connecting, the actors' model
-load — and is the figure.
+throughput (per scoring actor: rows after its first batch / time from its first to its last
+batch at the driver; summed over the actors), which leaves out what does not scale with nodes —
+connecting, the actors' model load — and is the figure.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def one_run(nodes: int, work: str, inputs: str, heads: dict, batch: int) -> dict
         result = json.loads(p.stdout.strip().splitlines()[-1])
     say(f"  {nodes} node(s): {result['images']} images, end to end {result['seconds']:.1f} s = "
         f"{result['images_per_s']:.2f} images/s; steady {result['steady_images_per_s']:.2f} images/s "
-        f"({result['actors']} actor(s), {result['scorers']} scorer process(es) used)")
+        f"({result['scoring_actors']} scoring actor(s) on {result['nodes_used']} node(s))")
     return result
 
 
@@ -95,6 +95,6 @@ def run(info: dict, shards: int, heads: dict, work: str, batch: int) -> dict:
         end_to_end_ratio=round(two["images_per_s"] / one["images_per_s"], 4), images=one["images"],
         runs={"1_node": one, "2_nodes": two},
         what="steady-state images/s on a 2-node local Ray cluster (1 CPU each, each node pinned to its own core) "
-             "/ on 1 node with 1 CPU (pinned to one core); steady = rows after the first scored batch / time from "
-             "the first to the last scored batch at the driver; end-to-end ratio reported beside it",
+             "/ on 1 node with 1 CPU (pinned to one core); steady = sum over scoring actors of rows after its first "
+             "batch / time from its first to its last batch at the driver; end-to-end ratio reported beside it",
         included="curate driver in its own process (python -m bench.scaleout_driver --address ...), no report")}

@@ -1,5 +1,9 @@
 """The curate driver of a scale-out run: ``run_curate`` against ``--address``, recording when each
-scored batch reaches the driver; prints one JSON line (rates, timeline, plan).
+scored batch reaches the driver and which actor scored it; prints one JSON line.
+
+Steady-state throughput = the sum over the scoring actors of (rows it scored after its first
+batch) / (time from its first to its last batch at the driver): what the pool sustains once its
+actors run, leaving out connecting and the actors' model load, which do not scale with nodes.
 
     python -m bench.scaleout_driver --address HOST:PORT --input SHARDS --output DIR --heads JSON
 """
@@ -22,20 +26,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     args = p.parse_args(argv)
 
-    import pipelines.progress as progress
+    import pyarrow.compute as pc
+
+    import pipelines.collect as collect
     from bench.data import CLIP_MODEL
     from pipelines.config import CurateConfig
     from pipelines.curate import run_curate
 
-    arrivals: list[tuple[float, int]] = []
-    original = progress.Progress.update
+    arrivals: list[tuple[float, str, int]] = []  # (time, scoring actor, scored rows) per block at the driver
+    original = collect.ShardCollector.add
 
-    def update(self, rows: int = 0, shards: int = 0, force: bool = False):
-        if rows:
-            arrivals.append((time.perf_counter(), rows))
-        return original(self, rows, shards, force)
+    def add(self, batch):
+        now = time.perf_counter()
+        real = batch.filter(pc.not_equal(batch.column("row"), -1))
+        for actor in set(real.column("scorer").to_pylist()) if real.num_rows else ():
+            arrivals.append((now, actor, int(pc.sum(pc.equal(real.column("scorer"), actor)).as_py())))
+        return original(self, batch)
 
-    progress.Progress.update = update
+    collect.ShardCollector.add = add
     plan_line: list[str] = []
     shutil.rmtree(args.output, ignore_errors=True)
     cfg = CurateConfig(input=args.input, output=args.output, clip_model=CLIP_MODEL, clip_pretrained=None,
@@ -46,13 +54,20 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - t0
     shutil.rmtree(args.output, ignore_errors=True)
     n = stats["rows_read"]
-    first_t, first_rows = arrivals[0]
-    last_t = arrivals[-1][0]
-    steady = (n - first_rows) / (last_t - first_t) if last_t > first_t else float("nan")
+    per_actor = {}
+    for actor in sorted({a for _, a, _ in arrivals}):
+        mine = [(t, k) for t, a, k in arrivals if a == actor]
+        window = mine[-1][0] - mine[0][0]
+        rows_after_first = sum(k for _, k in mine[1:])
+        per_actor[actor] = {"batches": len(mine), "rows": sum(k for _, k in mine),
+                            "first_at_s": round(mine[0][0] - t0, 2), "last_at_s": round(mine[-1][0] - t0, 2),
+                            "steady_images_per_s": rows_after_first / window if window > 0 else None}
+    rates = [a["steady_images_per_s"] for a in per_actor.values()]
+    steady = sum(rates) if rates and all(r is not None for r in rates) else float("nan")
     print(json.dumps({"images": n, "seconds": round(seconds, 2), "images_per_s": n / seconds,
-                      "steady_images_per_s": steady, "first_batch_at_s": round(first_t - t0, 2),
-                      "last_batch_at_s": round(last_t - t0, 2), "plan": plan_line[-1] if plan_line else None,
-                      "actors": stats.get("scoring_actor_instances"), "scorers": stats.get("scoring_actor_instances"),
+                      "steady_images_per_s": steady, "per_actor": per_actor,
+                      "plan": plan_line[-1] if plan_line else None,
+                      "scoring_actors": stats.get("scoring_actor_instances"),
                       "nodes_used": len(stats.get("node_ids", []))}))
     return 0
 

@@ -122,6 +122,6 @@ def run(info: dict, heads: dict, work: str, threads: int, batch: int, quick: boo
             images_10x=c10[0]["images"], images_1x=c1["images"], curate_run_1x={k: (rnd(v) if isinstance(v, float)
                                                                                else v) for k, v in c1.items()},
             what="peak RSS summed over every Ray process (GCS, raylet, agents, workers, actors; the driver counted "
-                 "for what it grows during the run), sampled 4x/s from /proc, at 10x the data / at 1x; the larger "
+                 "for what it grows during the run), sampled twice a second from /proc, at 10x the data / at 1x; the larger "
                  "of the two 10x runs"),
     }
