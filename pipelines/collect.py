@@ -57,27 +57,31 @@ class ShardCollector:
 def drive(batches, collector: ShardCollector, submit: Callable[[str, pa.Table | None], object],
           progress=None, poll_every: float = 5.0) -> None:
     """Consume ``batches``; submit a writer (returning a Ray ObjectRef) per complete shard; wait for
-    every writer, raising the first writer error. Progress counts rows and committed shards."""
+    every writer, raising the first writer error. Progress counts rows and committed shards: a
+    writer that returns its ledger entry may account for rows that never passed through the
+    dataflow (urls mode's failed downloads, an index's rows without a sample); its ``rows_read``
+    tops the count up."""
     import ray
 
-    inflight: dict = {}
+    inflight: dict = {}  # writer ref -> rows of its shard already counted
 
     def collect(timeout: float) -> None:
         if not inflight:
             return
         ready, _ = ray.wait(list(inflight), num_returns=len(inflight), timeout=timeout)
         for ref in ready:
-            inflight.pop(ref)
-            ray.get(ref)  # raises the writer's error, if any
+            counted = inflight.pop(ref)
+            entry = ray.get(ref)  # raises the writer's error, if any
             if progress:
-                progress.update(shards=1)
+                rows_read = entry.get("rows_read") if isinstance(entry, dict) else None
+                progress.update(rows=max(0, rows_read - counted) if isinstance(rows_read, int) else 0, shards=1)
 
     for batch in batches:
         added, done = collector.add(batch)
         if progress:
             progress.update(rows=added)
         for name, table in done:
-            inflight[submit(name, table)] = name
+            inflight[submit(name, table)] = table.num_rows if table is not None else 0
         collect(0)
     missing = collector.incomplete()
     if missing:
