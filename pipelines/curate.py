@@ -243,6 +243,8 @@ def build_dataset(shards: list[InputShard], cfg: CurateConfig, spec: ScorerSpec,
     import ray
     from ray.data import ActorPoolStrategy
 
+    from pipelines.runtime import TASK_STAGE_ARGS
+
     items = [{"shard": s.name, "url": s.url} for s in shards]
     decode_kwargs = {"pixel_transform": pixel_transform, "image_size": image_size,
                      "max_pixels": cfg.max_image_pixels, "exif_transpose": cfg.exif_transpose,
@@ -256,13 +258,13 @@ def build_dataset(shards: list[InputShard], cfg: CurateConfig, spec: ScorerSpec,
         with block_size(pixel_block_bytes(rows, image_size)):
             ds = ray.data.from_items(items, override_num_blocks=read_tasks(shards, plan.num_actors))
         ds = ds.map_batches(read_decode_rows, fn_kwargs={"rows_per_batch": rows, "decode_kwargs": decode_kwargs},
-                            batch_size=None, num_cpus=plan.decode_cpus, zero_copy_batch=True)
+                            batch_size=None, num_cpus=plan.decode_cpus, zero_copy_batch=True, **TASK_STAGE_ARGS)
     else:
         ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
         ds = ds.map_batches(read_fn, fn_kwargs=read_kwargs, batch_size=1, num_cpus=plan.read_cpus,
-                            zero_copy_batch=True)
+                            zero_copy_batch=True, **TASK_STAGE_ARGS)
         ds = ds.map_batches(decode_batch, fn_kwargs=decode_kwargs, batch_size=cfg.decode_batch_size,
-                            num_cpus=plan.decode_cpus)
+                            num_cpus=plan.decode_cpus, **TASK_STAGE_ARGS)
     ds = ds.map_batches(
         ScoreStage,
         fn_constructor_args=(spec, plan.device, plan.torch_threads, cfg.embeddings, cfg.batch_size),

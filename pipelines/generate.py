@@ -422,7 +422,7 @@ def run_augment(cfg: GenerateConfig, log=print) -> dict:
     from pipelines.collect import ShardCollector, drive
     from pipelines.curate import read_shard_rows  # the same reader as curate
     from pipelines.progress import Progress
-    from pipelines.runtime import ray_session
+    from pipelines.runtime import TASK_STAGE_ARGS, ray_session
     from pipelines.shards import plan_shards
 
     if not 0 < cfg.strength <= 1:
@@ -446,7 +446,7 @@ def run_augment(cfg: GenerateConfig, log=print) -> dict:
             log(f"ray: {plan.describe()}")
             ds = ray.data.from_items([{"shard": s.name, "url": s.url, "limit": cfg.limit} for s in todo],
                                      override_num_blocks=len(todo))
-            ds = ds.map_batches(read_shard_rows, batch_size=1, num_cpus=plan.read_cpus)
+            ds = ds.map_batches(read_shard_rows, batch_size=1, num_cpus=plan.read_cpus, **TASK_STAGE_ARGS)
             ds = ds.map_batches(AugmentStage, fn_constructor_args=(spec, plan.device, plan.torch_threads,
                                                                    cfg.watermark, cfg),
                                 compute=ActorPoolStrategy(min_size=1, max_size=plan.num_actors),

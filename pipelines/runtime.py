@@ -63,6 +63,14 @@ class ResourcePlan:
                 f"({self.actor_cpus:g} CPU, {self.actor_gpus:g} GPU, {self.torch_threads} torch threads each)")
 
 
+# Ray remote args for the CPU task stages that feed an actor pool (read, decode). Ray Data fuses a
+# task stage into the actor stage after it when their remote args are equal -- on a cluster of
+# 1-CPU nodes the plan gives both 0.5 CPU -- and the reads and decodes then run inside the scoring
+# actors, one after the other with the model, each actor reading a whole group of shards: measured
+# on 2 local nodes, one actor scored everything while the other idled (bench/scaleout.py). Stating
+# Ray Data's own default for tasks (retry for ever) makes the args differ, so the stages stay apart.
+TASK_STAGE_ARGS = {"max_retries": -1}
+
 MAX_CPU_ACTORS_PER_NODE = 8  # each actor holds a copy of the model (ViT-L/14: 1.7 GB in fp32)
 
 
