@@ -68,8 +68,9 @@ class ResourcePlan:
 # 1-CPU nodes the plan gives both 0.5 CPU -- and the reads and decodes then run inside the scoring
 # actors, one after the other with the model, each actor reading a whole group of shards: measured
 # on 2 local nodes, one actor scored everything while the other idled (bench/scaleout.py). Stating
-# Ray Data's own default for tasks (retry for ever) makes the args differ, so the stages stay apart.
-TASK_STAGE_ARGS = {"max_retries": -1}
+# Ray's own default for tasks (``max_calls=0``: a worker is never recycled) makes the args differ,
+# so the stages stay apart.
+TASK_STAGE_ARGS = {"max_calls": 0}
 
 MAX_CPU_ACTORS_PER_NODE = 8  # each actor holds a copy of the model (ViT-L/14: 1.7 GB in fp32)
 
