@@ -119,13 +119,61 @@ def field_values(table: pa.Table, field: str) -> np.ndarray:
     return pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False)
 
 
-@dataclass
-class Decision:
-    """Per-row outcome arrays (numpy object arrays): status kept|dropped|error, reason, error."""
+STATUSES = ("kept", "dropped", "error")
+KEPT, DROPPED, ERROR = 0, 1, 2
 
-    status: np.ndarray
-    reason: np.ndarray
-    error: np.ndarray
+
+class _Table:
+    """Strings interned to small integer codes; code 0 is None."""
+
+    def __init__(self):
+        self.values: list[str | None] = [None]
+        self.codes: dict[str, int] = {}
+
+    def code(self, value) -> int:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return 0
+        value = str(value)
+        c = self.codes.get(value)
+        if c is None:
+            c = self.codes[value] = len(self.values)
+            self.values.append(value)
+        return c
+
+    def codes_of(self, values) -> np.ndarray:
+        return np.fromiter((self.code(v) for v in values), dtype=np.int32, count=len(values))
+
+
+class Decision:
+    """Per-row outcomes, held as integer codes so that millions of rows cost no Python strings:
+    ``status_code`` (0 kept, 1 dropped, 2 error), ``reason_code`` and ``error_code`` indexing
+    their string tables (0 = none). ``status``/``reason``/``error`` give numpy object arrays;
+    ``arrow()`` gives Arrow string arrays, built by a vectorised take."""
+
+    def __init__(self, status_code: np.ndarray, reasons: _Table, reason_code: np.ndarray, errors: _Table,
+                 error_code: np.ndarray):
+        self.status_code, self.reason_code, self.error_code = status_code, reason_code, error_code
+        self._reasons, self._errors = reasons, errors
+
+    @property
+    def status(self) -> np.ndarray:
+        return np.array(STATUSES, dtype=object)[self.status_code]
+
+    @property
+    def reason(self) -> np.ndarray:
+        return np.array(self._reasons.values, dtype=object)[self.reason_code]
+
+    @property
+    def error(self) -> np.ndarray:
+        return np.array(self._errors.values, dtype=object)[self.error_code]
+
+    def arrow(self) -> tuple[pa.Array, pa.Array, pa.Array]:
+        """(status, reason, error) as Arrow string arrays."""
+        def take(values, codes):
+            return pc.take(pa.array(values, pa.string()), pa.array(codes, pa.int32()))
+
+        return (take(STATUSES, self.status_code), take(self._reasons.values, self.reason_code),
+                take(self._errors.values, self.error_code))
 
 
 class RuleSet:
@@ -149,12 +197,17 @@ class RuleSet:
     def apply(self, table: pa.Table, status=None, reason=None, error=None) -> Decision:
         """Decide every row. Rows already marked ``error`` (decode failures...) stay errors; then
         a row with a missing or out-of-range value in any field a rule reads is an error, whatever
-        the rule order; then the first rule a row fails drops it."""
+        the rule order; then the first rule a row fails drops it. ``status``/``reason``/``error``:
+        the outcomes known before the rules (per row; default kept, none, none)."""
         n = table.num_rows
-        status = np.array(status if status is not None else ["kept"] * n, dtype=object)
-        reason = np.array(reason if reason is not None else [None] * n, dtype=object)
-        error = np.array(error if error is not None else [None] * n, dtype=object)
-        open_rows = status != "error"
+        reasons, errors = _Table(), _Table()
+        if status is None:
+            status_code = np.zeros(n, dtype=np.int8)
+        else:
+            status_code = np.fromiter((STATUSES.index(s) for s in status), dtype=np.int8, count=n)
+        reason_code = reasons.codes_of(reason) if reason is not None else np.zeros(n, dtype=np.int32)
+        error_code = errors.codes_of(error) if error is not None else np.zeros(n, dtype=np.int32)
+        open_rows = status_code != ERROR
         values: dict[str, np.ndarray] = {}
         for rule in self.rules:
             if rule.op == "has" or rule.field in values:
@@ -162,14 +215,15 @@ class RuleSet:
             vals = values[rule.field] = field_values(table, rule.field)
             missing = open_rows & np.isnan(vals)
             if missing.any():
-                status[missing], reason[missing] = "error", "missing_value"
-                error[missing] = f"{rule.field} is missing (null or NaN); rule '{rule.name}' needs it"
+                status_code[missing], reason_code[missing] = ERROR, reasons.code("missing_value")
+                error_code[missing] = errors.code(f"{rule.field} is missing (null or NaN); rule '{rule.name}' needs it")
             lo, hi = FIELD_RANGES.get(rule.field, (-math.inf, math.inf))
             with np.errstate(invalid="ignore"):
                 bad = open_rows & ~np.isnan(vals) & ((vals < lo) | (vals > hi))
-            for i in np.flatnonzero(bad):
-                status[i], reason[i] = "error", "bad_value"
-                error[i] = f"{rule.field}={vals[i]:g} is outside its valid range [{lo:g}, {hi:g}]"
+            if bad.any():
+                status_code[bad], reason_code[bad] = ERROR, reasons.code("bad_value")
+                for i in np.flatnonzero(bad):  # the value in the message: rare (a broken file)
+                    error_code[i] = errors.code(f"{rule.field}={vals[i]:g} is outside its valid range [{lo:g}, {hi:g}]")
             open_rows &= ~missing & ~bad
         for rule in self.rules:
             if not open_rows.any():
@@ -186,6 +240,7 @@ class RuleSet:
                 with np.errstate(invalid="ignore"):
                     ok = OPS[rule.op](values[rule.field], rule.value)
             drop = open_rows & ~ok
-            status[drop], reason[drop] = "dropped", rule.name
+            if drop.any():
+                status_code[drop], reason_code[drop] = DROPPED, reasons.code(rule.name)
             open_rows &= ok
-        return Decision(status, reason, error)
+        return Decision(status_code, reasons, reason_code, errors, error_code)

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from filters.rules import RuleSet
+from filters.rules import KEPT, RuleSet
 from pipelines import fs as fsutil
 from pipelines.ledger import Ledger, OutputLayout, shard_stats_from_counts
 from pipelines.readers import iter_metadata_batches, metadata_column_map
@@ -57,6 +57,8 @@ def canonical_batch(batch: pa.RecordBatch, cmap: dict[str, str], first_row: int)
 # of every value for near-unique ones (URLs, captions, ids, float scores), which then fall back to
 # plain encoding anyway: measured ~30% of metadata mode's parquet write time.
 SCORES_DICTIONARY = ["status", "reason", "error"]
+# Min/max statistics only where a reader can prune with them (not on urls, captions, messages).
+SCORES_STATISTICS = [n for n in SCORES_SCHEMA.names if n not in ("url", "caption", "error", "key")]
 _NEAR_UNIQUE = ("url", "caption", "key", "hash")
 
 
@@ -87,16 +89,16 @@ def filter_metadata_shard(shard: InputShard, rules: RuleSet, out_root: str, extr
         for batch in iter_metadata_batches(shard.url, BATCH_ROWS):
             cmap = metadata_column_map(batch.schema.names)
             table = canonical_batch(batch, cmap, first)
-            d = rules.apply(table)
-            status, reason = pa.array(d.status, pa.string()), pa.array(d.reason, pa.string())
+            decision = rules.apply(table)
+            status, reason, error = decision.arrow()
             table = table.set_column(table.column_names.index("status"), "status", status)
             table = table.set_column(table.column_names.index("reason"), "reason", reason)
-            table = table.set_column(table.column_names.index("error"), "error", pa.array(d.error, pa.string()))
+            table = table.set_column(table.column_names.index("error"), "error", error)
             table = table.select(SCORES_SCHEMA.names)
-            kept = pa.Table.from_batches([batch]).filter(pc.equal(status, "kept"))
+            kept = pa.Table.from_batches([batch]).filter(pa.array(decision.status_code == KEPT))
             if w_scores is None:
                 w_scores = pq.ParquetWriter(fs_scores, SCORES_SCHEMA, compression="zstd",
-                                            use_dictionary=SCORES_DICTIONARY)
+                                            use_dictionary=SCORES_DICTIONARY, write_statistics=SCORES_STATISTICS)
                 w_curated = pq.ParquetWriter(fs_curated, batch.schema, compression="zstd",
                                              use_dictionary=dictionary_columns(batch.schema, cmap))
             w_scores.write_table(table)

@@ -57,9 +57,7 @@ def decide(table: pa.Table, rules: RuleSet) -> pa.Table:
     decision = rules.apply(table, status=status, reason=list(kinds), error=errors)
     cols = {name: table.column(name) if name in table.column_names else pa.nulls(table.num_rows, t)
             for name, t in zip(SCORES_SCHEMA.names, SCORES_SCHEMA.types)}
-    cols["status"] = pa.array(decision.status, pa.string())
-    cols["reason"] = pa.array(decision.reason, pa.string())
-    cols["error"] = pa.array(decision.error, pa.string())
+    cols["status"], cols["reason"], cols["error"] = decision.arrow()
     return pa.table({k: cols[k].cast(SCORES_SCHEMA.field(k).type) for k in SCORES_SCHEMA.names})
 
 
