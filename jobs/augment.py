@@ -14,8 +14,8 @@ An unreadable source image gives error rows; the rest of the shard completes.
 from __future__ import annotations
 
 import argparse
-import sys
 
+from jobs.entry import job_main, run_resumable
 from jobs.generate import add_model_arguments, base_config
 
 
@@ -50,29 +50,17 @@ def run(args: argparse.Namespace) -> int:
     from pipelines.ledger import RunError
     from pipelines.shards import InputError
 
-    try:
-        cfg = base_config(args, input=args.input, strength=args.strength, variants=args.variants,
-                          prompt_template=args.prompt_template, caption_dropout=args.caption_dropout,
-                          size=args.size, max_side=args.max_side, buckets=args.buckets, bucket_area=args.bucket_area,
-                          limit=args.limit)
-        run_augment(cfg)
-    except (DiffusionError, RunError, InputError, ValueError) as e:
-        print(f"shardsmith augment: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        from jobs.curate import committed_note
+    def work():
+        run_augment(base_config(args, input=args.input, strength=args.strength, variants=args.variants,
+                                prompt_template=args.prompt_template, caption_dropout=args.caption_dropout,
+                                size=args.size, max_side=args.max_side, buckets=args.buckets,
+                                bucket_area=args.bucket_area, limit=args.limit))
 
-        print(f"\nshardsmith augment: interrupted. {committed_note(args.output)} Rerun the same command to resume.",
-              file=sys.stderr)
-        return 130
-    return 0
+    return run_resumable("augment", args.output, work, (DiffusionError, RunError, InputError, ValueError))
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jobs.augment", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    return run(p.parse_args(argv))
+    return job_main("jobs.augment", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

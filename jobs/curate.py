@@ -20,9 +20,9 @@ only the earlier failures of --retry-kinds.
 from __future__ import annotations
 
 import argparse
-import sys
 
 from filters.presets import PRESETS
+from jobs.entry import job_main, run_resumable
 from pipelines.config import ConfigError, CurateConfig, config_from_dict, load_config_file
 
 # CLI flag -> config key, for the flags that map one to one.
@@ -138,43 +138,17 @@ def config_from_args(args: argparse.Namespace) -> CurateConfig:
     return cfg
 
 
-def committed_note(output: str) -> str:
-    """What an interrupted run leaves: the committed shards, from the ledger."""
-    from pipelines.ledger import Ledger, OutputLayout
-
-    try:
-        done = sorted(Ledger(OutputLayout(output)).committed())
-    except Exception:
-        return "Could not read the ledger."
-    if not done:
-        return "No shard was committed yet."
-    shown = ", ".join(done[:10]) + (" ..." if len(done) > 10 else "")
-    return f"{len(done)} shard(s) are committed in {output} ({shown})."
-
-
 def run(args: argparse.Namespace) -> int:
     from pipelines.curate import run_curate
     from pipelines.ledger import RunError
     from pipelines.shards import InputError
 
-    try:
-        cfg = config_from_args(args)
-        run_curate(cfg)
-    except (ConfigError, InputError, RunError) as e:
-        print(f"shardsmith curate: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"\nshardsmith curate: interrupted. {committed_note(args.output)} Rerun the same command to "
-              "resume: committed shards are skipped, the others are redone.", file=sys.stderr)
-        return 130
-    return 0
+    return run_resumable("curate", args.output, lambda: run_curate(config_from_args(args)),
+                         (ConfigError, InputError, RunError))
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jobs.curate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    return run(p.parse_args(argv))
+    return job_main("jobs.curate", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

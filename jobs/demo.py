@@ -19,6 +19,8 @@ import argparse
 import json
 import os
 
+from jobs.entry import job_main
+
 REAL_WEIGHTS_HINT = """\
 The demo models are UNTRAINED (random tiny CLIP, random or toy-fit heads): the numbers above show
 the pipeline working, not the quality of the images. With real weights (needs the model files):
@@ -98,10 +100,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jobs.demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    return run(p.parse_args(argv))
+    return job_main("jobs.demo", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

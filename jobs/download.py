@@ -17,10 +17,10 @@ This is the download step of ``shardsmith curate --mode urls``, which fetches an
 from __future__ import annotations
 
 import argparse
-import sys
 
 from filters.presets import PRESETS
 from jobs.curate import FLAG_KEYS, add_fetch_arguments
+from jobs.entry import job_main, run_resumable
 from pipelines.config import ConfigError, CurateConfig, config_from_dict, load_config_file
 
 
@@ -67,23 +67,12 @@ def run(args: argparse.Namespace) -> int:
     from pipelines.ledger import RunError
     from pipelines.shards import InputError
 
-    try:
-        run_download(config_from_args(args))
-    except (ConfigError, InputError, RunError) as e:
-        print(f"shardsmith download: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\nshardsmith download: interrupted. Committed shards are kept (OUTPUT/_ledger/); rerun the same "
-              "command to resume.", file=sys.stderr)
-        return 130
-    return 0
+    return run_resumable("download", args.output, lambda: run_download(config_from_args(args)),
+                         (ConfigError, InputError, RunError))
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jobs.download", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    return run(p.parse_args(argv))
+    return job_main("jobs.download", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

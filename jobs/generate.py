@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from jobs.entry import job_main, run_resumable
 from pipelines.prompts import Defaults
 
 
@@ -84,26 +85,15 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1 or args.shard_size < 1:
         print("shardsmith generate: error: --batch-size and --shard-size must be >= 1", file=sys.stderr)
         return 2
-    try:
+    def work():
         run_generate(base_config(args, prompts=args.prompts, from_captions=args.from_captions,
                                  shard_size=args.shard_size, limit=args.limit))
-    except (DiffusionError, RunError, PromptError, InputError, ValueError) as e:
-        print(f"shardsmith generate: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        from jobs.curate import committed_note
 
-        print(f"\nshardsmith generate: interrupted. {committed_note(args.output)} Rerun the same command to resume.",
-              file=sys.stderr)
-        return 130
-    return 0
+    return run_resumable("generate", args.output, work, (DiffusionError, RunError, PromptError, InputError, ValueError))
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jobs.generate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    return run(p.parse_args(argv))
+    return job_main("jobs.generate", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ import json
 import os
 import sys
 
+from jobs.entry import job_main
+
 SCORE_SHORT = (("aesthetic", "aes"), ("pwatermark", "wm"), ("punsafe", "nsfw"), ("similarity", "sim"))
 
 
@@ -368,10 +370,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jobs.inspect", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    return run(p.parse_args(argv))
+    return job_main("jobs.inspect", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

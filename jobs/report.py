@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from jobs.entry import job_main
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("output", help="the OUTPUT folder of a finished run (fsspec URL)")
@@ -43,10 +45,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jobs.report", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    return run(p.parse_args(argv))
+    return job_main("jobs.report", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

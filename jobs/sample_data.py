@@ -23,6 +23,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFilter
 
+from jobs.entry import job_main
+
 SUBJECTS = ["a mountain lake", "a red bicycle", "an old lighthouse", "a bowl of fruit", "a city street at night",
             "a field of sunflowers", "a sleeping cat", "a wooden boat", "a forest path", "a desert canyon",
             "a plate of pasta", "a snowy cabin", "a vintage car", "a coral reef", "a hot air balloon"]
@@ -190,10 +192,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jobs.sample_data", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    return run(p.parse_args(argv))
+    return job_main("jobs.sample_data", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ import json
 import sys
 from pathlib import Path
 
+from jobs.entry import job_main
+
 
 def _add_address(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="Ray job API URL, e.g. http://127.0.0.1:8265 (the tunnel end; default: "
@@ -204,10 +206,7 @@ class jobs_command:  # noqa: N801  (used like a module by jobs/cli.py's COMMANDS
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jobs.submit", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    return run(p.parse_args(argv))
+    return job_main("jobs.submit", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

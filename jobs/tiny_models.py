@@ -28,6 +28,8 @@ import os
 import numpy as np
 import torch
 
+from jobs.entry import job_main
+
 TINY_CLIP_CONFIG = {
     "embed_dim": 64,
     "quick_gelu": True,
@@ -195,10 +197,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jobs.tiny_models", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    return run(p.parse_args(argv))
+    return job_main("jobs.tiny_models", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":
