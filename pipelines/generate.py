@@ -368,12 +368,27 @@ def _start(cfg: GenerateConfig, tool: str, models: dict, inputs: list, names: li
     return layout, manifest, set(ledger.committed())
 
 
-def run_generate(cfg: GenerateConfig, log=print) -> dict:
+def _diffuse_and_write(ds, stage, stage_args: tuple, plan, cfg: GenerateConfig, progress, collector) -> None:
+    """The tail of generate and augment: ``stage`` (one diffusers pipeline per actor) over ``ds``,
+    each complete shard handed to a writer task that commits it."""
     import ray
     from ray.data import ActorPoolStrategy
 
+    from pipelines.collect import drive
+
+    ds = ds.map_batches(stage, fn_constructor_args=stage_args,
+                        compute=ActorPoolStrategy(min_size=1, max_size=plan.num_actors),
+                        batch_size=cfg.batch_size, num_cpus=plan.actor_cpus, num_gpus=plan.actor_gpus)
+    writer = ray.remote(num_cpus=plan.write_cpus, max_retries=3)(write_generated_shard)
+    drive(ds.iter_batches(batch_size=None, batch_format="pyarrow"), collector,
+          lambda name, rows: writer.remote(name, rows, cfg.output), progress)
+
+
+def run_generate(cfg: GenerateConfig, log=print) -> dict:
+    import ray
+
     from filters.diffusion import DiffusionSpec, describe_model
-    from pipelines.collect import ShardCollector, drive
+    from pipelines.collect import ShardCollector
     from pipelines.progress import Progress
     from pipelines.prompts import plan_tasks, read_prompt_table, shard_tasks
     from pipelines.runtime import ray_session
@@ -403,23 +418,17 @@ def run_generate(cfg: GenerateConfig, log=print) -> dict:
             # tasks of one parameter set next to each other, so that batches are homogeneous
             items.sort(key=lambda it: (it["shard"], it["params_key"], it["row"]))
             ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // max(cfg.batch_size, 1), 200)))
-            ds = ds.map_batches(GenerateStage, fn_constructor_args=(spec, plan.device, plan.torch_threads, cfg.watermark),
-                                compute=ActorPoolStrategy(min_size=1, max_size=plan.num_actors),
-                                batch_size=cfg.batch_size, num_cpus=plan.actor_cpus, num_gpus=plan.actor_gpus)
-            writer = ray.remote(num_cpus=plan.write_cpus, max_retries=3)(write_generated_shard)
-            progress = Progress("generate", sum(len(ts) for ts in todo.values()), len(todo), enabled=cfg.progress)
-            drive(ds.iter_batches(batch_size=None, batch_format="pyarrow"),
-                  ShardCollector({n: len(ts) for n, ts in todo.items()}),
-                  lambda name, rows: writer.remote(name, rows, cfg.output), progress)
+            _diffuse_and_write(ds, GenerateStage, (spec, plan.device, plan.torch_threads, cfg.watermark), plan, cfg,
+                               Progress("generate", len(items), len(todo), enabled=cfg.progress),
+                               ShardCollector({n: len(ts) for n, ts in todo.items()}))
     return _finish(layout, list(shards), manifest, t0, "generate", log)
 
 
 def run_augment(cfg: GenerateConfig, log=print) -> dict:
     import ray
-    from ray.data import ActorPoolStrategy
 
     from filters.diffusion import DiffusionSpec, describe_model
-    from pipelines.collect import ShardCollector, drive
+    from pipelines.collect import ShardCollector
     from pipelines.curate import read_shard_rows  # the same reader as curate
     from pipelines.progress import Progress
     from pipelines.runtime import TASK_STAGE_ARGS, ray_session
@@ -447,14 +456,8 @@ def run_augment(cfg: GenerateConfig, log=print) -> dict:
             ds = ray.data.from_items([{"shard": s.name, "url": s.url, "limit": cfg.limit} for s in todo],
                                      override_num_blocks=len(todo))
             ds = ds.map_batches(read_shard_rows, batch_size=1, num_cpus=plan.read_cpus, **TASK_STAGE_ARGS)
-            ds = ds.map_batches(AugmentStage, fn_constructor_args=(spec, plan.device, plan.torch_threads,
-                                                                   cfg.watermark, cfg),
-                                compute=ActorPoolStrategy(min_size=1, max_size=plan.num_actors),
-                                batch_size=cfg.batch_size, num_cpus=plan.actor_cpus, num_gpus=plan.actor_gpus)
-            writer = ray.remote(num_cpus=plan.write_cpus, max_retries=3)(write_generated_shard)
-            progress = Progress("augment", None, len(todo), enabled=cfg.progress)
-            drive(ds.iter_batches(batch_size=None, batch_format="pyarrow"), ShardCollector(),
-                  lambda name, rows: writer.remote(name, rows, cfg.output), progress)
+            _diffuse_and_write(ds, AugmentStage, (spec, plan.device, plan.torch_threads, cfg.watermark, cfg), plan, cfg,
+                               Progress("augment", None, len(todo), enabled=cfg.progress), ShardCollector())
     return _finish(layout, [s.name for s in shards], manifest, t0, "augment", log)
 
 
