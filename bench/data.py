@@ -164,35 +164,15 @@ def make_sd_pipeline(out: str, seed: int = 0) -> str:
     with a tiny VAE and text encoder; random weights, saved with ``save_pretrained``."""
     if _done(out):
         return out
-    import tempfile
+    from jobs.tiny_models import write_sd_pipeline
 
-    import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    from jobs.tiny_models import write_clip_tokenizer_files
-
-    with tempfile.TemporaryDirectory() as tmp:
-        vocab, merges = write_clip_tokenizer_files(tmp)
-        tokenizer = CLIPTokenizer(vocab, merges, model_max_length=77)
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        block_out_channels=(64, 128, 192), layers_per_block=2, sample_size=16, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=64, norm_num_groups=32, attention_head_dim=8)
-    vae = AutoencoderKL(
-        block_out_channels=[16, 32, 32, 32], in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
-        down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4, sample_size=128)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, hidden_size=64, intermediate_size=128,
-        layer_norm_eps=1e-5, num_attention_heads=4, num_hidden_layers=2, vocab_size=49408,
-        max_position_embeddings=77))
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.save_pretrained(out)
-    _mark_done(out, {"unet_params": sum(p.numel() for p in unet.parameters())})
+    pipe = write_sd_pipeline(
+        out,
+        unet=dict(block_out_channels=(64, 128, 192), layers_per_block=2, sample_size=16,
+                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=64,
+                  norm_num_groups=32, attention_head_dim=8),
+        vae=dict(block_out_channels=[16, 32, 32, 32], norm_num_groups=8, sample_size=128),
+        text=dict(hidden_size=64, intermediate_size=128), seed=seed)
+    _mark_done(out, {"unet_params": sum(p.numel() for p in pipe.unet.parameters())})
     return out
