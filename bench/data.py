@@ -42,7 +42,7 @@ def make_image_shards(out: str, shards: int, per_shard: int, lo: int = 256, hi: 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from jobs.sample_data import add_watermark, caption_for, texture
+    from shardsmith.jobs.sample_data import add_watermark, caption_for, texture
 
     info = {"dir": out, "shards": shards, "per_shard": per_shard, "images": shards * per_shard,
             "size_range_px": [lo, hi], "format": f"JPEG quality {quality}", "seed": seed}
@@ -89,7 +89,7 @@ def shard_urls(info: dict, first: int = 0, count: int | None = None) -> str:
 
 def iter_samples(info: dict, shards: int | None = None):
     """(jpeg bytes, caption) of the dataset's samples, in shard order (for the in-process loops)."""
-    from pipelines.readers import iter_tar_samples
+    from shardsmith.pipelines.formats.tar import iter_tar_samples
 
     for s in range(info["shards"] if shards is None else shards):
         for sample in iter_tar_samples(os.path.join(info["dir"], f"{s:05d}.tar")):
@@ -101,7 +101,7 @@ def make_heads(out: str, seed: int = 0) -> dict:
     import torch
     from safetensors.torch import save_file
 
-    from filters.heads import AestheticMLP, NsfwHead, ProbabilityHead
+    from shardsmith.filters.heads import AestheticMLP, NsfwHead, ProbabilityHead
 
     paths = {"aesthetic_head": os.path.join(out, "aesthetic.pth"),
              "watermark_head": os.path.join(out, "watermark.pth"),
@@ -125,7 +125,7 @@ def make_metadata(out: str, files: int, rows: int, seed: int = 0) -> dict:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from jobs.sample_data import STYLES, SUBJECTS
+    from shardsmith.jobs.sample_data import STYLES, SUBJECTS
 
     info = {"dir": out, "files": files, "rows_per_file": rows, "rows": files * rows,
             "paths": [os.path.join(out, f"part-{f:05d}.parquet") for f in range(files)]}
@@ -164,7 +164,7 @@ def make_sd_pipeline(out: str, seed: int = 0) -> str:
     with a tiny VAE and text encoder; random weights, saved with ``save_pretrained``."""
     if _done(out):
         return out
-    from jobs.tiny_models import write_sd_pipeline
+    from shardsmith.jobs.tiny_models import write_sd_pipeline
 
     pipe = write_sd_pipeline(
         out,

@@ -19,9 +19,9 @@ from bench.measure import median, paired_ratios, rnd, say
 
 
 def run(info: dict, heads: dict, images: int, threads: int, batch: int) -> dict:
-    from filters.clip import ClipSpec
-    from filters.scorer import Scorer, ScorerSpec
-    from pipelines.decode import decode
+    from shardsmith.filters.clip import ClipSpec
+    from shardsmith.filters.scorer import Scorer, ScorerSpec
+    from shardsmith.pipelines.stages.decode import decode
 
     torch.set_num_threads(threads)
     jpegs, captions = [], []

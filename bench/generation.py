@@ -35,9 +35,9 @@ def prompt_table(path: str, n: int) -> list[dict]:
 
 def run(sd_dir: str, work: str, images: int, direct_images: int, steps: int, size: int, threads: int = 1,
         batch: int = 4) -> dict:
-    from filters.diffusion import Diffuser, DiffusionSpec
-    from pipelines.generate import GenerateConfig, run_generate
-    from pipelines.prompts import Defaults
+    from shardsmith.filters.diffusion import Diffuser, DiffusionSpec
+    from shardsmith.pipelines.flows.generate import GenerateConfig, run_generate
+    from shardsmith.pipelines.formats.prompts import Defaults
 
     os.makedirs(work, exist_ok=True)
     rows = prompt_table(os.path.join(work, "prompts.parquet"), images)

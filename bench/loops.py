@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from filters.clip import ClipEmbedder, ClipSpec
-from filters.heads import load_head
+from shardsmith.filters.clip import ClipEmbedder, ClipSpec
+from shardsmith.filters.heads import load_head
 
 HEAD_FILES = {"aesthetic": "aesthetic_head", "pwatermark": "watermark_head", "punsafe": "nsfw_head"}
 

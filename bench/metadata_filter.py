@@ -34,8 +34,8 @@ def pyarrow_filter(paths: list[str], out: str) -> tuple[int, float]:
 
 
 def curate_filter(meta_dir: str, out: str) -> tuple[int, float]:
-    from pipelines.config import CurateConfig
-    from pipelines.curate import run_curate
+    from shardsmith.pipelines.config.curate import CurateConfig
+    from shardsmith.pipelines.flows.curate import run_curate
 
     shutil.rmtree(out, ignore_errors=True)
     cfg = CurateConfig(input=meta_dir, output=out, mode="metadata", preset="laion-aesthetics-5plus",

@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
 
     local = [s for s in steps if s != "scaleout"]
     if local:
-        from pipelines.runtime import node_cpus, plan_resources, ray_session
+        from shardsmith.pipelines.core.resources import node_cpus, plan_resources, ray_session
 
         t0 = time.perf_counter()
         with ray_session():

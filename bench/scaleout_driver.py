@@ -28,10 +28,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import pyarrow.compute as pc
 
-    import pipelines.collect as collect
+    import shardsmith.pipelines.core.dispatch as collect
     from bench.data import CLIP_MODEL
-    from pipelines.config import CurateConfig
-    from pipelines.curate import run_curate
+    from shardsmith.pipelines.config.curate import CurateConfig
+    from shardsmith.pipelines.flows.curate import run_curate
 
     arrivals: list[tuple[float, str, int]] = []  # (time, scoring actor, scored rows) per block at the driver
     original = collect.ShardCollector.add

@@ -34,8 +34,8 @@ from bench.procmem import PeakRss
 
 def curate_run(info: dict, shards: int, out: str, heads: dict, batch: int, **extra) -> dict:
     """One curate run over the first ``shards`` shards; rate, wall time and peak RSS."""
-    from pipelines.config import CurateConfig
-    from pipelines.curate import run_curate
+    from shardsmith.pipelines.config.curate import CurateConfig
+    from shardsmith.pipelines.flows.curate import run_curate
 
     shutil.rmtree(out, ignore_errors=True)
     cfg = CurateConfig(input=bdata.shard_urls(info, 0, shards), output=out, clip_model=bdata.CLIP_MODEL,

@@ -1,6 +1,6 @@
 """Submit shardsmith jobs to a Ray cluster through Ray's own job API, and watch them.
 
-Every job is a plain module (``python -m jobs.<name> ARGS``), so what runs on the cluster is
+Every job is a plain module (``python -m shardsmith.jobs.<name> ARGS``), so what runs on the cluster is
 exactly what runs on a laptop. ``submit`` packages the project folder as the job's working
 directory (weights, data, outputs and virtualenvs excluded), adds the project's pip requirements
 to the runtime env, reserves the entrypoint's resources, then streams the job's logs and returns
@@ -67,12 +67,12 @@ class SubmitError(RuntimeError):
 # ---------------------------------------------------------------------------------------------
 
 def job_module(name: str) -> str:
-    """``curate`` -> ``jobs.curate``; ``sample-data`` -> ``jobs.sample_data``."""
+    """``curate`` -> ``shardsmith.jobs.curate``; ``sample-data`` -> ``shardsmith.jobs.sample_data``."""
     if not _JOB_NAME.match(name or ""):
         raise SubmitError(f"job name {name!r}: expected a shardsmith job such as curate, generate, augment")
     if name in _NOT_SUBMITTABLE:
         raise SubmitError(f"{name!r} is not a job that runs on the cluster")
-    return "jobs." + name.replace("-", "_")
+    return "shardsmith.jobs." + name.replace("-", "_")
 
 
 def entrypoint(name: str, args: list[str]) -> str:
@@ -82,7 +82,7 @@ def entrypoint(name: str, args: list[str]) -> str:
 
 def check_job_exists(working_dir: Path, name: str) -> None:
     """Fail here, not minutes later on the cluster, when the packaged folder lacks the job."""
-    rel = Path(*job_module(name).split(".")).with_suffix(".py")
+    rel = Path(*job_module(name).split(".")[1:]).with_suffix(".py")  # shardsmith.jobs.X is jobs/X.py
     if not (working_dir / rel).is_file():
         have = sorted(p.stem.replace("_", "-") for p in (working_dir / "jobs").glob("*.py")
                       if not p.stem.startswith("_") and p.stem not in _NOT_SUBMITTABLE)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from filters.weights import WeightsError, local_copy
+from shardsmith.filters.weights import WeightsError, local_copy
 
 DEFAULT_MODEL = "ViT-L-14-quickgelu"
 DEFAULT_PRETRAINED = "openai"

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from filters.weights import WeightsError as HeadLoadError
-from filters.weights import read_state_dict
+from shardsmith.filters.weights import WeightsError as HeadLoadError
+from shardsmith.filters.weights import read_state_dict
 
 HEAD_NAMES = ("aesthetic", "pwatermark", "punsafe")
 

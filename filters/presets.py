@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from filters.rules import RuleError
+from shardsmith.filters.rules import RuleError
 
 PRESETS: dict[str, dict] = {
     "laion-aesthetics-5plus": {

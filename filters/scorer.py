@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from filters.clip import ClipEmbedder, ClipSpec
-from filters.heads import load_head
+from shardsmith.filters.clip import ClipEmbedder, ClipSpec
+from shardsmith.filters.heads import load_head
 
 
 @dataclass(frozen=True)

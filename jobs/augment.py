@@ -8,15 +8,15 @@ final training rounds dropped 10%), --buckets resizes/crops sources to SDXL-styl
 buckets of --bucket-area pixels (else the long side is scaled to --max-side, or --size WxH).
 An unreadable source image gives error rows; the rest of the shard completes.
 
-    python -m jobs.augment INPUT OUTPUT --model MODEL [options]
+    python -m shardsmith.jobs.augment INPUT OUTPUT --model MODEL [options]
 """
 
 from __future__ import annotations
 
 import argparse
 
-from jobs.entry import job_main, run_resumable
-from jobs.generate import add_model_arguments, base_config
+from shardsmith.jobs.entry import job_main, run_resumable
+from shardsmith.jobs.generate import add_model_arguments, base_config
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -45,10 +45,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from filters.diffusion import DiffusionError
-    from pipelines.generate import run_augment
-    from pipelines.ledger import RunError
-    from pipelines.shards import InputError
+    from shardsmith.filters.diffusion import DiffusionError
+    from shardsmith.pipelines.flows.generate import run_augment
+    from shardsmith.pipelines.core.ledger import RunError
+    from shardsmith.pipelines.formats.inputs import InputError
 
     def work():
         run_augment(base_config(args, input=args.input, strength=args.strength, variants=args.variants,
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return job_main("jobs.augment", __doc__, add_arguments, run, argv)
+    return job_main("shardsmith.jobs.augment", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The ``shardsmith`` command: one subcommand per job; each is also ``python -m jobs.<name>``."""
+"""The ``shardsmith`` command: one subcommand per job; each is also ``python -m shardsmith.jobs.<name>``."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import argparse
 import os
 import sys
 
-from jobs import augment, curate, demo, generate, sample_data, submit, tiny_models
-from jobs import inspect, report
-from jobs import download
+from shardsmith.jobs import augment, curate, demo, generate, sample_data, submit, tiny_models
+from shardsmith.jobs import inspect, report
+from shardsmith.jobs import download
 
 COMMANDS = {
     "curate": (curate, "score and filter a LAION-style dataset (webdataset shards or metadata parquet)"),

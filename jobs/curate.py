@@ -14,16 +14,16 @@ only, X-Robots-Tag noai opt-outs), stored in OUTPUT/downloaded/ (img2dataset lay
 like any shard; every row ends kept, dropped or error with its fetch kind. --retry-failed re-fetches
 only the earlier failures of --retry-kinds.
 
-    python -m jobs.curate INPUT OUTPUT [options]      (the same as `shardsmith curate`)
+    python -m shardsmith.jobs.curate INPUT OUTPUT [options]      (the same as `shardsmith curate`)
 """
 
 from __future__ import annotations
 
 import argparse
 
-from filters.presets import PRESETS
-from jobs.entry import job_main, run_resumable
-from pipelines.config import ConfigError, CurateConfig, config_from_dict, load_config_file
+from shardsmith.filters.presets import PRESETS
+from shardsmith.jobs.entry import job_main, run_resumable
+from shardsmith.pipelines.config.curate import ConfigError, CurateConfig, config_from_dict, load_config_file
 
 # CLI flag -> config key, for the flags that map one to one.
 FLAG_KEYS = {
@@ -139,16 +139,16 @@ def config_from_args(args: argparse.Namespace) -> CurateConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.curate import run_curate
-    from pipelines.ledger import RunError
-    from pipelines.shards import InputError
+    from shardsmith.pipelines.flows.curate import run_curate
+    from shardsmith.pipelines.core.ledger import RunError
+    from shardsmith.pipelines.formats.inputs import InputError
 
     return run_resumable("curate", args.output, lambda: run_curate(config_from_args(args)),
                          (ConfigError, InputError, RunError))
 
 
 def main(argv: list[str] | None = None) -> int:
-    return job_main("jobs.curate", __doc__, add_arguments, run, argv)
+    return job_main("shardsmith.jobs.curate", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

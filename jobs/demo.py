@@ -10,7 +10,7 @@
 everything under ``./demo-output/``. The demo models are untrained: the scores exercise the
 pipeline and mean nothing about the images. A rerun reuses the data and models and resumes.
 
-    python -m jobs.demo [--output demo-output]
+    python -m shardsmith.jobs.demo [--output demo-output]
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import argparse
 import json
 import os
 
-from jobs.entry import job_main
+from shardsmith.jobs.entry import job_main
 
 REAL_WEIGHTS_HINT = """\
 The demo models are UNTRAINED (random tiny CLIP, random or toy-fit heads): the numbers above show
@@ -40,13 +40,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from jobs.sample_data import make_sample_data
-    from jobs.tiny_models import make_tiny_models
-    from pipelines.config import CurateConfig
-    from pipelines.curate import run_curate
-    from pipelines.generate import GenerateConfig, run_augment, run_generate
-    from pipelines.prompts import Defaults
-    from pipelines.runtime import ray_session
+    from shardsmith.jobs.sample_data import make_sample_data
+    from shardsmith.jobs.tiny_models import make_tiny_models
+    from shardsmith.pipelines.config.curate import CurateConfig
+    from shardsmith.pipelines.flows.curate import run_curate
+    from shardsmith.pipelines.flows.generate import GenerateConfig, run_augment, run_generate
+    from shardsmith.pipelines.formats.prompts import Defaults
+    from shardsmith.pipelines.core.resources import ray_session
 
     out = args.output
     data_dir, models_dir = os.path.join(out, "sample"), os.path.join(out, "models")
@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return job_main("jobs.demo", __doc__, add_arguments, run, argv)
+    return job_main("shardsmith.jobs.demo", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

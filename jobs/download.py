@@ -11,17 +11,17 @@ the result later (every row accounted for), as does any img2dataset consumer.
 
 This is the download step of ``shardsmith curate --mode urls``, which fetches and scores in one run.
 
-    python -m jobs.download INPUT OUTPUT [options]      (the same as `shardsmith download`)
+    python -m shardsmith.jobs.download INPUT OUTPUT [options]      (the same as `shardsmith download`)
 """
 
 from __future__ import annotations
 
 import argparse
 
-from filters.presets import PRESETS
-from jobs.curate import FLAG_KEYS, add_fetch_arguments
-from jobs.entry import job_main, run_resumable
-from pipelines.config import ConfigError, CurateConfig, config_from_dict, load_config_file
+from shardsmith.filters.presets import PRESETS
+from shardsmith.jobs.curate import FLAG_KEYS, add_fetch_arguments
+from shardsmith.jobs.entry import job_main, run_resumable
+from shardsmith.pipelines.config.curate import ConfigError, CurateConfig, config_from_dict, load_config_file
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -63,16 +63,16 @@ def config_from_args(args: argparse.Namespace) -> CurateConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.download import run_download
-    from pipelines.ledger import RunError
-    from pipelines.shards import InputError
+    from shardsmith.pipelines.stages.download import run_download
+    from shardsmith.pipelines.core.ledger import RunError
+    from shardsmith.pipelines.formats.inputs import InputError
 
     return run_resumable("download", args.output, lambda: run_download(config_from_args(args)),
                          (ConfigError, InputError, RunError))
 
 
 def main(argv: list[str] | None = None) -> int:
-    return job_main("jobs.download", __doc__, add_arguments, run, argv)
+    return job_main("shardsmith.jobs.download", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

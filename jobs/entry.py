@@ -20,7 +20,7 @@ def job_main(module: str, doc: str | None, add_arguments: Callable, run: Callabl
 
 def committed_note(output: str) -> str:
     """What an interrupted run leaves: the committed shards, from the ledger."""
-    from pipelines.ledger import Ledger, OutputLayout
+    from shardsmith.pipelines.core.ledger import Ledger, OutputLayout
 
     try:
         done = sorted(Ledger(OutputLayout(output)).committed())

@@ -13,7 +13,7 @@ KEY.txt = prompt, KEY.json = every parameter) + NNNNN.parquet per shard, stats.j
 `shardsmith curate OUTPUT ...` reads it back. Images carry an invisible watermark (payload SSMTH1,
 see filters/watermark.py) unless --no-watermark. A rerun resumes.
 
-    python -m jobs.generate PROMPTS OUTPUT --model MODEL [options]
+    python -m shardsmith.jobs.generate PROMPTS OUTPUT --model MODEL [options]
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs.entry import job_main, run_resumable
-from pipelines.prompts import Defaults
+from shardsmith.jobs.entry import job_main, run_resumable
+from shardsmith.pipelines.formats.prompts import Defaults
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -60,7 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def base_config(args: argparse.Namespace, **extra):
-    from pipelines.generate import GenerateConfig
+    from shardsmith.pipelines.flows.generate import GenerateConfig
 
     d = Defaults(negative_prompt=args.negative_prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
                  width=getattr(args, "width", 512), height=getattr(args, "height", 512),
@@ -73,11 +73,11 @@ def base_config(args: argparse.Namespace, **extra):
 
 
 def run(args: argparse.Namespace) -> int:
-    from filters.diffusion import DiffusionError
-    from pipelines.generate import run_generate
-    from pipelines.ledger import RunError
-    from pipelines.prompts import PromptError
-    from pipelines.shards import InputError
+    from shardsmith.filters.diffusion import DiffusionError
+    from shardsmith.pipelines.flows.generate import run_generate
+    from shardsmith.pipelines.core.ledger import RunError
+    from shardsmith.pipelines.formats.prompts import PromptError
+    from shardsmith.pipelines.formats.inputs import InputError
 
     if bool(args.prompts) == bool(args.from_captions):
         print("shardsmith generate: error: give a PROMPTS table or --from-captions SHARDS (one of them)", file=sys.stderr)
@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return job_main("jobs.generate", __doc__, add_arguments, run, argv)
+    return job_main("shardsmith.jobs.generate", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

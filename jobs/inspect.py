@@ -11,7 +11,7 @@ kept rows, the input tar for the others). Any fsspec URL works (s3://, http://, 
     shardsmith inspect OUTPUT/scores/00000.parquet --key 000000012 --write-image sample.jpg
     shardsmith inspect data/00000.tar --key 000000012 --write-image sample.jpg
 
-    python -m jobs.inspect PATH [options]      (the same as `shardsmith inspect`)
+    python -m shardsmith.jobs.inspect PATH [options]      (the same as `shardsmith inspect`)
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import json
 import os
 import sys
 
-from jobs.entry import job_main
+from shardsmith.jobs.entry import job_main
 
 SCORE_SHORT = (("aesthetic", "aes"), ("pwatermark", "wm"), ("punsafe", "nsfw"), ("similarity", "sim"))
 
@@ -78,7 +78,7 @@ def _parent(url: str) -> tuple[str, str]:
 
 def output_root_of(url: str, subdir: str) -> str | None:
     """OUTPUT for OUTPUT/<subdir>/<file>, when that folder holds a run's manifest.json."""
-    from pipelines import fs as fsutil
+    from shardsmith.pipelines.core import fs as fsutil
 
     folder, _ = _parent(url)
     root, name = _parent(folder)
@@ -93,7 +93,7 @@ def shard_name(url: str) -> str:
 
 def resolve(path: str, shard: str | None) -> tuple[str, str]:
     """('output' | 'parquet' | 'tar', url)."""
-    from pipelines import fs as fsutil
+    from shardsmith.pipelines.core import fs as fsutil
 
     try:
         exists = fsutil.exists(path)
@@ -106,7 +106,7 @@ def resolve(path: str, shard: str | None) -> tuple[str, str]:
             return "output", path
         url = fsutil.join(path, "scores", f"{shard}.parquet")
         if not fsutil.exists(url):
-            from pipelines.report_data import scores_files
+            from shardsmith.pipelines.report.data import scores_files
 
             known = [n for n, _ in scores_files(path)]
             raise InspectError(f"{path} has no shard {shard!r} (no scores/{shard}.parquet); shards: "
@@ -128,7 +128,7 @@ def resolve(path: str, shard: str | None) -> tuple[str, str]:
 def parquet_rows(url: str) -> list[dict]:
     import pyarrow.parquet as pq
 
-    from pipelines import fs as fsutil
+    from shardsmith.pipelines.core import fs as fsutil
 
     try:
         with fsutil.open_file(url, "rb") as f:
@@ -153,12 +153,12 @@ def image_size(data: bytes | None) -> tuple[int, int] | None:
 def tar_rows(url: str, key: str | None = None) -> list[dict]:
     """One row per sample of a tar, joined with the run's scores when the tar is OUTPUT/curated/.
     With ``key``: only that sample, read up to it, with its image bytes under ``_image``."""
-    from pipelines.readers import iter_tar_samples
+    from shardsmith.pipelines.formats.tar import iter_tar_samples
 
     scores = {}
     root = output_root_of(url, "curated")
     if root is not None:
-        from pipelines import fs as fsutil
+        from shardsmith.pipelines.core import fs as fsutil
 
         scores_url = fsutil.join(root, "scores", f"{shard_name(url)}.parquet")
         if fsutil.exists(scores_url):
@@ -209,7 +209,7 @@ def select(rows: list[dict], status: str | None, sort: str | None, ascending: bo
 
 def print_table(rows: list[dict], kind: str, limit: int, total: int, out=None) -> None:
     out = out or sys.stdout
-    from pipelines.progress import table
+    from shardsmith.pipelines.core.progress import table
 
     shown = rows if limit == 0 else rows[:limit]
     has_status = any("status" in r for r in rows)
@@ -257,9 +257,9 @@ def print_sample(row: dict, out=None) -> None:
 def print_output(root: str, out=None) -> None:
     """An OUTPUT folder without --shard: its shards and their counts."""
     out = out or sys.stdout
-    from pipelines import fs as fsutil
-    from pipelines.progress import table
-    from pipelines.report_data import scores_files
+    from shardsmith.pipelines.core import fs as fsutil
+    from shardsmith.pipelines.core.progress import table
+    from shardsmith.pipelines.report.data import scores_files
 
     stats_url = fsutil.join(root, "stats.json")
     if fsutil.exists(stats_url):
@@ -284,8 +284,8 @@ def print_output(root: str, out=None) -> None:
 
 def image_of_parquet_row(url: str, row: dict) -> tuple[bytes, str, str]:
     """(bytes, extension, source tar) of a scores parquet row, found through the run's manifest."""
-    from pipelines import fs as fsutil
-    from pipelines.samples import Wanted, fetch_images
+    from shardsmith.pipelines.core import fs as fsutil
+    from shardsmith.pipelines.report.samples import Wanted, fetch_images
 
     root = output_root_of(url, "scores")
     if root is None:
@@ -305,7 +305,7 @@ def image_of_parquet_row(url: str, row: dict) -> tuple[bytes, str, str]:
 
 def write_image(target: str, data: bytes, ext: str, source: str, out=None) -> None:
     out = out or sys.stdout
-    from pipelines import fs as fsutil
+    from shardsmith.pipelines.core import fs as fsutil
 
     try:
         fsutil.write_bytes_atomic(target, data)
@@ -370,7 +370,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return job_main("jobs.inspect", __doc__, add_arguments, run, argv)
+    return job_main("shardsmith.jobs.inspect", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

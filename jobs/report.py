@@ -9,7 +9,7 @@ parameters. Then config, models, versions and timings. Plots are also written to
 as PNG. Thumbnails and plots are embedded, so the page works offline and when copied alone.
 `shardsmith curate` writes the report at its end unless --no-report.
 
-    python -m jobs.report OUTPUT      (the same as `shardsmith report`)
+    python -m shardsmith.jobs.report OUTPUT      (the same as `shardsmith report`)
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs.entry import job_main
+from shardsmith.jobs.entry import job_main
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,7 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.report import ReportError, build_report
+    from shardsmith.pipelines.report import ReportError, build_report
 
     if args.per_grid < 1:
         print("shardsmith report: error: --per-grid must be >= 1", file=sys.stderr)
@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return job_main("jobs.report", __doc__, add_arguments, run, argv)
+    return job_main("shardsmith.jobs.report", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

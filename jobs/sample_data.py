@@ -6,7 +6,7 @@ textures, some low-resolution images, some with visible text watermarks and a fe
 ``DIR/metadata/part-NNNNN.parquet`` (URL, TEXT, WIDTH, HEIGHT, similarity, punsafe, pwatermark,
 AESTHETIC_SCORE) for metadata-only mode. Same arguments, same bytes.
 
-    python -m jobs.sample_data DIR [--shards 3] [--per-shard 100]
+    python -m shardsmith.jobs.sample_data DIR [--shards 3] [--per-shard 100]
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFilter
 
-from jobs.entry import job_main
+from shardsmith.jobs.entry import job_main
 
 SUBJECTS = ["a mountain lake", "a red bicycle", "an old lighthouse", "a bowl of fruit", "a city street at night",
             "a field of sunflowers", "a sleeping cat", "a wooden boat", "a forest path", "a desert canyon",
@@ -192,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return job_main("jobs.sample_data", __doc__, add_arguments, run, argv)
+    return job_main("shardsmith.jobs.sample_data", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """``shardsmith submit -- JOB ARGS...``: run a shardsmith job on a Ray cluster through Ray's job API.
 
-The job is the same plain module that runs on a laptop (``python -m jobs.JOB ARGS``). The project
+The job is the same plain module that runs on a laptop (``python -m shardsmith.jobs.JOB ARGS``). The project
 folder is packaged as its working directory (weights, data and outputs excluded), the project's
 pip requirements go into its runtime env (``--no-pip`` when the cluster runs the shardsmith worker
 image), and the entrypoint reserves the resources you give. The command then streams the job's
@@ -8,8 +8,8 @@ logs and exits with its status: 0 succeeded, the job's own exit code (or 1) fail
 124 timed out (the job is stopped), 130 interrupted (the job keeps running).
 
     shardsmith submit --address http://127.0.0.1:8265 -- curate s3://bkt/laion s3://bkt/curated ...
-    python -m jobs.submit -- curate IN OUT ...                    (the same)
-    ray job submit --working-dir . -- python -m jobs.curate IN OUT ...   (Ray's own CLI, same job)
+    python -m shardsmith.jobs.submit -- curate IN OUT ...                    (the same)
+    ray job submit --working-dir . -- python -m shardsmith.jobs.curate IN OUT ...   (Ray's own CLI, same job)
 
 The job API (port 8265 on the head) is never exposed publicly: open a tunnel first
 (`ray dashboard cluster/ray-up/aws.yaml`, or `kubectl port-forward svc/HEAD-SVC 8265:8265`). With
@@ -24,7 +24,7 @@ import json
 import sys
 from pathlib import Path
 
-from jobs.entry import job_main
+from shardsmith.jobs.entry import job_main
 
 
 def _add_address(p: argparse.ArgumentParser) -> None:
@@ -56,7 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _split_job(words: list[str]) -> tuple[str, list[str]]:
-    from cluster.submit import SubmitError
+    from shardsmith.cluster.submit import SubmitError
 
     if words and words[0] == "--":
         words = words[1:]
@@ -66,7 +66,7 @@ def _split_job(words: list[str]) -> tuple[str, list[str]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cluster import submit as cs
+    from shardsmith.cluster import submit as cs
 
     def log(msg: str) -> None:
         print(f"[shardsmith] {msg}", file=sys.stderr, flush=True)
@@ -151,7 +151,7 @@ def add_jobs_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_jobs(args: argparse.Namespace) -> int:
-    from cluster import submit as cs
+    from shardsmith.cluster import submit as cs
 
     try:
         client = cs.connect(args.address)
@@ -206,7 +206,7 @@ class jobs_command:  # noqa: N801  (used like a module by jobs/cli.py's COMMANDS
 
 
 def main(argv: list[str] | None = None) -> int:
-    return job_main("jobs.submit", __doc__, add_arguments, run, argv)
+    return job_main("shardsmith.jobs.submit", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ Writes
 These models are untrained (apart from the watermark head's toy fit): their scores exercise the
 pipeline, they mean nothing about real images.
 
-    python -m jobs.tiny_models DIR
+    python -m shardsmith.jobs.tiny_models DIR
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import os
 import numpy as np
 import torch
 
-from jobs.entry import job_main
+from shardsmith.jobs.entry import job_main
 
 TINY_CLIP_CONFIG = {
     "embed_dim": 64,
@@ -119,7 +119,7 @@ def write_tiny_sd(out_dir: str, seed: int = 0) -> str:
 
 def calibration_set(n: int = 96, seed: int = 1):
     """Synthetic images (half watermarked) from the sample-data generator, with labels."""
-    from jobs.sample_data import add_watermark, texture
+    from shardsmith.jobs.sample_data import add_watermark, texture
 
     rng = np.random.default_rng(seed)
     images, labels = [], []
@@ -132,8 +132,8 @@ def calibration_set(n: int = 96, seed: int = 1):
 
 
 def make_tiny_models(out: str, seed: int = 0) -> dict:
-    from filters.clip import ClipEmbedder, ClipSpec
-    from filters.heads import AestheticMLP, NsfwHead, fit_probability_head
+    from shardsmith.filters.clip import ClipEmbedder, ClipSpec
+    from shardsmith.filters.heads import AestheticMLP, NsfwHead, fit_probability_head
 
     cfg_path, weights = write_tiny_clip(os.path.join(out, "clip"), seed=seed)
     embedder = ClipEmbedder(ClipSpec(cfg_path, weights), device="cpu")
@@ -208,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return job_main("jobs.tiny_models", __doc__, add_arguments, run, argv)
+    return job_main("shardsmith.jobs.tiny_models", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import pytest  # noqa: E402
 def ray_local():
     import ray
 
-    from pipelines.runtime import ray_session
+    from shardsmith.pipelines.core.resources import ray_session
 
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
@@ -27,21 +27,21 @@ def ray_local():
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
-    from jobs.tiny_models import make_tiny_models
+    from shardsmith.jobs.tiny_models import make_tiny_models
 
     return make_tiny_models(str(tmp_path_factory.mktemp("models")))
 
 
 @pytest.fixture(scope="session")
 def sample(tmp_path_factory):
-    from jobs.sample_data import make_sample_data
+    from shardsmith.jobs.sample_data import make_sample_data
 
     return make_sample_data(str(tmp_path_factory.mktemp("sample")), shards=3, per_shard=20,
                             metadata_files=2, metadata_rows=400, max_size=200)
 
 
 def curate_config(input, output, models, **kw):
-    from pipelines.config import CurateConfig
+    from shardsmith.pipelines.config.curate import CurateConfig
 
     base = dict(input=str(input), output=str(output), clip_model=models["clip_model"],
                 clip_pretrained=models["clip_pretrained"], aesthetic_head=models["aesthetic_head"],

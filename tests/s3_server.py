@@ -107,8 +107,8 @@ def small_sample_reference(tmp_path_factory, tiny_models) -> dict:
     import json
 
     from conftest import curate_config
-    from jobs.sample_data import make_sample_data
-    from pipelines.curate import run_curate
+    from shardsmith.jobs.sample_data import make_sample_data
+    from shardsmith.pipelines.flows.curate import run_curate
 
     base = tmp_path_factory.getbasetemp() / "small-sample-reference"
     done = base / "reference.json"

@@ -3,8 +3,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from filters.clip import ClipEmbedder, ClipSpec
-from filters.weights import WeightsError
+from shardsmith.filters.clip import ClipEmbedder, ClipSpec
+from shardsmith.filters.weights import WeightsError
 
 
 def test_split_preprocess_is_exactly_open_clip_preprocess(tiny_models):

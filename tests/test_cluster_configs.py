@@ -23,8 +23,8 @@ import tomllib
 import pytest
 import yaml
 
-from cluster import validate as cv
-from cluster.submit import is_secret_name
+from shardsmith.cluster import validate as cv
+from shardsmith.cluster.submit import is_secret_name
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CRD_DIR = os.path.join(ROOT, "..", "shared", "kuberay-crds-v1.7.0")
@@ -172,10 +172,10 @@ def test_crd_schema_catches_mistakes(crd_dir):
 @pytest.mark.parametrize("path", [p for p in K8S if "rayjob" in p], ids=os.path.basename)
 def test_rayjob_entrypoint_is_a_plain_job_module_its_parser_accepts(path):
     entry = shlex.split(load(path)["spec"]["entrypoint"])
-    assert entry[:2] == ["python", "-m"] and entry[2].startswith("jobs.")
+    assert entry[:2] == ["python", "-m"] and entry[2].startswith("shardsmith.jobs.")
     module = entry[2]
-    if not os.path.isfile(os.path.join(ROOT, *module.split(".")) + ".py"):
-        pytest.skip(f"{module} is not in this tree yet")
+    path_in_tree = os.path.join(ROOT, "jobs", module.split(".")[-1] + ".py")
+    assert os.path.isfile(path_in_tree), f"{path}: the entrypoint's job module {module} is not in this tree"
     import argparse
 
     parser = argparse.ArgumentParser(prog=module, exit_on_error=False)
@@ -220,14 +220,14 @@ def test_dockerfile_builds_on_the_official_ray_gpu_image_at_the_tested_versions(
     assert f"\nray=={args['RAY_VERSION']}\n" in lock
     assert re.search(r"pip install .*-r requirements\.lock", text)
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
-        packages = tomllib.load(f)["tool"]["setuptools"]["packages"]
-    for pkg in packages:
-        assert re.search(rf"^COPY .*\b{pkg} \./{pkg}$", text, flags=re.M), f"the image lacks the {pkg} package"
+        folders = set(tomllib.load(f)["tool"]["setuptools"]["package-dir"].values())
+    for folder in folders:
+        assert re.search(rf"^COPY .*\b{folder} \./{folder}$", text, flags=re.M), f"the image lacks the {folder} folder"
 
 
 def test_cluster_package_loads_no_model_stack():
     """Submitting from a laptop needs Ray's SDK only: cluster/ imports neither torch nor a model."""
-    code = ("import sys, cluster.submit, cluster.validate, jobs.submit\n"
+    code = ("import sys, shardsmith.cluster.submit, shardsmith.cluster.validate, shardsmith.jobs.submit\n"
             "heavy = sorted(m for m in ('torch', 'open_clip', 'diffusers', 'transformers') if m in sys.modules)\n"
             "sys.exit(f'imported {heavy}' if heavy else 0)\n")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -235,7 +235,7 @@ def test_cluster_package_loads_no_model_stack():
 
 
 def test_validate_command_reports_every_config(crd_dir):
-    r = subprocess.run([sys.executable, "-m", "cluster.validate", *RAY_UP, *K8S, "--crds", crd_dir],
+    r = subprocess.run([sys.executable, "-m", "shardsmith.cluster.validate", *RAY_UP, *K8S, "--crds", crd_dir],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("ok ") == len(RAY_UP) + len(K8S)

@@ -4,9 +4,9 @@ import sys
 
 import pytest
 
-from jobs.cli import COMMANDS, build_parser
-from jobs.curate import config_from_args
-from pipelines.config import ConfigError
+from shardsmith.jobs.cli import COMMANDS, build_parser
+from shardsmith.jobs.curate import config_from_args
+from shardsmith.pipelines.config.curate import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -48,14 +48,14 @@ def test_yaml_is_loaded_safely(tmp_path):
 
 def test_every_command_has_help():
     for name in COMMANDS:
-        r = subprocess.run([sys.executable, "-m", "jobs.cli", name, "--help"], capture_output=True, text=True, cwd=ROOT)
+        r = subprocess.run([sys.executable, "-m", "shardsmith.jobs.cli", name, "--help"], capture_output=True, text=True, cwd=ROOT)
         assert r.returncode == 0 and "usage:" in r.stdout, name
-    r = subprocess.run([sys.executable, "-m", "jobs.curate", "--help"], capture_output=True, text=True, cwd=ROOT)
+    r = subprocess.run([sys.executable, "-m", "shardsmith.jobs.curate", "--help"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0 and "--clip-pretrained" in r.stdout
 
 
 def test_cli_error_exit_code_and_message(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "jobs.cli", "curate", str(tmp_path / "none-*.tar"), str(tmp_path / "o")],
+    r = subprocess.run([sys.executable, "-m", "shardsmith.jobs.cli", "curate", str(tmp_path / "none-*.tar"), str(tmp_path / "o")],
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 2
     assert "no input files found" in r.stderr and "Traceback" not in r.stderr

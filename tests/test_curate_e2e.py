@@ -14,9 +14,9 @@ import torch
 from PIL import Image
 
 from conftest import curate_config, read_scores
-from pipelines.config import ConfigError
-from pipelines.curate import run_curate
-from pipelines.ledger import RunError
+from shardsmith.pipelines.config.curate import ConfigError
+from shardsmith.pipelines.flows.curate import run_curate
+from shardsmith.pipelines.core.ledger import RunError
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """Fault injection: kill the driver at seeded random moments, kill a scoring actor, press Ctrl-C —
 then rerun the same command and compare with an uninterrupted run, file by file.
 
-The jobs run as real CLI processes (`python -m jobs.curate ...`) against a real Ray cluster
+The jobs run as real CLI processes (`python -m shardsmith.jobs.curate ...`) against a real Ray cluster
 started here (a `ray start --head` node on loopback, token auth on), so that killing the driver
 kills only the driver, as on a cluster. Marker: `faults` (part of `make test`).
 """
@@ -52,7 +52,7 @@ def finish(proc, timeout=300):
 
 
 def curate_args(src, out, models, address):
-    return ["jobs.curate", str(src), str(out), "--address", address, "--quiet", "--no-report", "--batch-size", "8",
+    return ["shardsmith.jobs.curate", str(src), str(out), "--address", address, "--quiet", "--no-report", "--batch-size", "8",
             "--clip-model", models["clip_model"], "--clip-pretrained", models["clip_pretrained"],
             "--aesthetic-head", models["aesthetic_head"], "--watermark-head", models["watermark_head"],
             "--nsfw-head", models["nsfw_head"]]
@@ -172,7 +172,7 @@ def test_killed_scoring_actor_is_retried_and_visible_in_stats(cluster, tiny_mode
     import re
     import threading
 
-    from jobs.sample_data import make_sample_data
+    from shardsmith.jobs.sample_data import make_sample_data
 
     c, env = cluster
     data = make_sample_data(str(tmp_path / "data"), shards=8, per_shard=50, metadata_files=1, metadata_rows=10,
@@ -207,7 +207,7 @@ def test_killed_scoring_actor_is_retried_and_visible_in_stats(cluster, tiny_mode
 
 
 def generate_args(prompts, out, models, address):
-    return ["jobs.generate", str(prompts), str(out), "--model", models["sd_model"], "--address", address, "--quiet",
+    return ["shardsmith.jobs.generate", str(prompts), str(out), "--model", models["sd_model"], "--address", address, "--quiet",
             "--steps", "2", "--width", "64", "--height", "64", "--shard-size", "3", "--batch-size", "2"]
 
 

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from image_server import ImageServer
-from pipelines.fetch import (Fetcher, FetchOptions, check_image, ImageCheckError, opt_out_directive,
+from shardsmith.pipelines.formats.fetch import (Fetcher, FetchOptions, check_image, ImageCheckError, opt_out_directive,
                              parse_retry_after)
 
 pytestmark = pytest.mark.timeout(120)

@@ -1,7 +1,7 @@
 import fsspec
 import pytest
 
-from pipelines import fs as fsutil
+from shardsmith.pipelines.core import fs as fsutil
 
 
 def test_atomic_write_on_memory_fs_commits_only_complete_files():

@@ -14,9 +14,9 @@ import torch
 from PIL import Image
 
 from conftest import curate_config, read_scores
-from pipelines.curate import run_curate
-from pipelines.generate import GenerateConfig, buckets_for_area, run_augment, run_generate
-from pipelines.prompts import Defaults
+from shardsmith.pipelines.flows.curate import run_curate
+from shardsmith.pipelines.flows.generate import GenerateConfig, buckets_for_area, run_augment, run_generate
+from shardsmith.pipelines.formats.prompts import Defaults
 
 QUIET = dict(log=lambda *a: None)
 
@@ -107,7 +107,7 @@ def test_images_equal_a_direct_diffusers_call(generated, tiny_models):
     params = json.loads(got["00000001.json"])
     assert params["seed"] == 123456789 and params["negative_prompt"] == "blurry" and params["guidance_scale"] == 3.0
     assert {"model", "model_fingerprint", "scheduler", "shardsmith_version"} <= set(params)
-    from pipelines.prompts import derive_seed
+    from shardsmith.pipelines.formats.prompts import derive_seed
 
     seeds = [json.loads(got[f"00000002_{j}.json"])["seed"] for j in range(2)]
     assert seeds == [derive_seed(11, f"00000002_{j}") for j in range(2)]  # no seed: from run seed + key
@@ -137,7 +137,7 @@ def test_resume_after_a_partial_run(generated, tiny_models, tmp_path):
 
 
 def test_watermark_decodes_and_curate_reads_generated_shards_back(ray_local, tiny_models, tmp_path, generated):
-    from filters.watermark import detect
+    from shardsmith.filters.watermark import detect
 
     prompts = write_prompts(tmp_path / "p.jsonl")
     run_generate(gen_config(prompts, tmp_path / "wm", tiny_models), **QUIET)
@@ -180,7 +180,7 @@ def test_augment_variants_dropout_buckets_and_bad_sources(ray_local, tiny_models
 
 
 def test_explicit_seed_with_several_images_counts_up():
-    from pipelines.prompts import plan_tasks
+    from shardsmith.pipelines.formats.prompts import plan_tasks
 
     tasks = plan_tasks(pa.Table.from_pylist([{"prompt": "x", "seed": 40, "num_images": 3}]), Defaults())
     assert [t.seed for t in tasks] == [40, 41, 42] and [t.key for t in tasks] == ["00000000_0", "00000000_1",

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from filters.heads import AestheticMLP, NsfwHead, ProbabilityHead, fit_probability_head, load_head
-from filters.weights import WeightsError
+from shardsmith.filters.heads import AestheticMLP, NsfwHead, ProbabilityHead, fit_probability_head, load_head
+from shardsmith.filters.weights import WeightsError
 
 
 class ReferenceMLP(nn.Module):

@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 from conftest import curate_config, read_scores
-from pipelines.curate import run_curate
-from pipelines.ledger import RunError
+from shardsmith.pipelines.flows.curate import run_curate
+from shardsmith.pipelines.core.ledger import RunError
 
 rng = np.random.default_rng(0)
 
@@ -136,8 +136,8 @@ def test_hostile_names_never_reach_an_output_path(hostile_run):
 
 
 def test_the_bomb_is_refused_without_decoding_it(tiny_models):
-    from filters.clip import ClipEmbedder, ClipSpec
-    from pipelines.decode import DecodeError, decode
+    from shardsmith.filters.clip import ClipEmbedder, ClipSpec
+    from shardsmith.pipelines.stages.decode import DecodeError, decode
 
     e = ClipEmbedder(ClipSpec(tiny_models["clip_model"], tiny_models["clip_pretrained"]))
     t0 = time.time()
@@ -154,7 +154,7 @@ def test_output_location_not_writable_is_a_clear_error(tiny_models, sample, tmp_
 
 
 def test_credentials_in_urls_never_reach_the_manifest(ray_local, tiny_models, sample, tmp_path):
-    from pipelines.ledger import redact
+    from shardsmith.pipelines.core.ledger import redact
 
     assert redact("s3://AKIA:s3cr3t@bucket/x.tar") == "s3://REDACTED@bucket/x.tar"
     assert redact("https://h/x.tar?X-Amz-Signature=abc&sig=def") == "https://h/x.tar?X-Amz-Signature=REDACTED&sig=REDACTED"

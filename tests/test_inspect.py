@@ -13,9 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import curate_config
-from jobs.inspect import clean
-from jobs.inspect import main as inspect_main
-from pipelines.curate import run_curate
+from shardsmith.jobs.inspect import clean
+from shardsmith.jobs.inspect import main as inspect_main
+from shardsmith.pipelines.flows.curate import run_curate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,7 +37,7 @@ def image_member(members: dict[str, bytes], key: str) -> bytes:
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "jobs.cli", "inspect", *map(str, args)], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "shardsmith.jobs.cli", "inspect", *map(str, args)], capture_output=True,
                           text=True, timeout=120, cwd=ROOT)
 
 
@@ -117,7 +117,7 @@ def test_errors_are_one_line_with_exit_code_2(run_out, tmp_path, capsys):
 
 
 def test_metadata_rows_have_no_image(ray_local, sample, tmp_path, capsys):
-    from pipelines.config import CurateConfig
+    from shardsmith.pipelines.config.curate import CurateConfig
 
     out = tmp_path / "meta"
     run_curate(CurateConfig(input=sample["metadata_files"][0], output=str(out), progress=False, report=False),

@@ -8,9 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import read_scores
-from pipelines.config import CurateConfig
-from pipelines.curate import run_curate
-from pipelines.shards import InputError
+from shardsmith.pipelines.config.curate import CurateConfig
+from shardsmith.pipelines.flows.curate import run_curate
+from shardsmith.pipelines.formats.inputs import InputError
 
 
 def laion_table(n, upper=True, seed=0):

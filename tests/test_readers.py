@@ -3,8 +3,8 @@ import tarfile
 
 import pytest
 
-from pipelines.readers import iter_tar_samples, metadata_column_map, split_member_name
-from pipelines.shards import InputError, plan_shards
+from shardsmith.pipelines.formats.tar import iter_tar_samples, metadata_column_map, split_member_name
+from shardsmith.pipelines.formats.inputs import InputError, plan_shards
 
 
 def make_tar(path, members):

@@ -21,8 +21,8 @@ import pytest
 from PIL import Image
 
 from conftest import curate_config, read_scores
-from pipelines.curate import run_curate
-from pipelines.report import build_report
+from shardsmith.pipelines.flows.curate import run_curate
+from shardsmith.pipelines.report import build_report
 
 HOSTILE_CAPTION = '<script>document.title="pwned"</script><img src=x onerror=alert(1)>'
 HOSTILE_KEY = 'k<b>&"q\'1'
@@ -289,7 +289,7 @@ def test_thumbnails_are_small_jpegs_of_the_right_images(curated, page):
 @pytest.fixture(scope="module")
 def metadata_run(ray_local, sample, tmp_path_factory):
     out = tmp_path_factory.mktemp("meta") / "out"
-    from pipelines.config import CurateConfig
+    from shardsmith.pipelines.config.curate import CurateConfig
 
     stats = run_curate(CurateConfig(input=sample["metadata"], output=str(out), progress=False), log=lambda *a: None)
     return out, stats
@@ -364,7 +364,7 @@ def test_generated_images_grid(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 def test_report_failure_is_a_warning_and_curate_still_succeeds(ray_local, tiny_models, sample, tmp_path, capsys):
-    from jobs.curate import main
+    from shardsmith.jobs.curate import main
 
     out = tmp_path / "out"
     out.mkdir()
@@ -377,13 +377,13 @@ def test_report_failure_is_a_warning_and_curate_still_succeeds(ray_local, tiny_m
     assert "warning: the report was not written (" in printed and "shardsmith report" in printed
     assert json.load(open(out / "stats.json"))["rows_read"] == 20 and not (out / "report.html").exists()
     # the report command writes it afterwards, once the obstacle is gone
-    from jobs.report import main as report_main
+    from shardsmith.jobs.report import main as report_main
 
     (out / "report").unlink()
     assert report_main([str(out)]) == 0 and (out / "report.html").exists()
     # --no-report (and `report: false` in a config file) turn it off
-    from jobs.cli import build_parser
-    from jobs.curate import config_from_args
+    from shardsmith.jobs.cli import build_parser
+    from shardsmith.jobs.curate import config_from_args
 
     assert config_from_args(build_parser().parse_args(["curate", *args])).report is True
     assert config_from_args(build_parser().parse_args(["curate", *args, "--no-report"])).report is False
@@ -393,12 +393,12 @@ def test_report_failure_is_a_warning_and_curate_still_succeeds(ray_local, tiny_m
 
 
 def test_report_command_errors_are_one_line(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "jobs.cli", "report", str(tmp_path / "nope")],
+    r = subprocess.run([sys.executable, "-m", "shardsmith.jobs.cli", "report", str(tmp_path / "nope")],
                        capture_output=True, text=True, timeout=120,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "no such folder" in r.stderr
     (tmp_path / "half").mkdir()
-    r = subprocess.run([sys.executable, "-m", "jobs.report", str(tmp_path / "half")], capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "shardsmith.jobs.report", str(tmp_path / "half")], capture_output=True,
                        text=True, timeout=120, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert r.returncode == 2 and "stats.json not found" in r.stderr and "Traceback" not in r.stderr
 

@@ -2,8 +2,8 @@
 import pyarrow as pa
 import pytest
 
-from filters.presets import PRESETS, preset_rules
-from filters.rules import Rule, RuleError, RuleSet
+from shardsmith.filters.presets import PRESETS, preset_rules
+from shardsmith.filters.rules import Rule, RuleError, RuleSet
 
 
 def table(**cols):

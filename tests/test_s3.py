@@ -3,7 +3,7 @@ server, started here), through s3fs exactly as on AWS or MinIO.
 
 Credentials come from the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY), the endpoint
 from AWS_ENDPOINT_URL_S3; nothing is passed in code. The S3 runs are the plain CLI
-(``python -m jobs.curate``) in a subprocess with that environment, as a user or a cluster node
+(``python -m shardsmith.jobs.curate``) in a subprocess with that environment, as a user or a cluster node
 would run it; the reference is the same run on local files. The results must be equal, a resumed
 S3 run must finish what an interrupted one left, and the secret must appear in no output and no
 log.
@@ -37,7 +37,7 @@ def clean_env(**extra) -> dict:
 
 
 def run_cli(args: list[str], env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "jobs.curate", *args], cwd=ROOT, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "shardsmith.jobs.curate", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 

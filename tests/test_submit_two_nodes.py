@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster import submit as cs
+from shardsmith.cluster import submit as cs
 from conftest import read_scores
 from ray_nodes import VENV_BIN, LocalRayCluster, cluster_env, group_alive, write_token
 from s3_server import MotoServer, assert_same_scores, model_flags, s3_scores, small_sample_reference
@@ -42,9 +42,9 @@ SHARDSMITH = os.path.join(VENV_BIN, "shardsmith")
 
 def test_entrypoint_is_the_jobs_plain_module():
     assert cs.entrypoint("curate", ["s3://b/{0..9}.tar", "out dir", "--preset", "none"]) == \
-        "python -m jobs.curate 's3://b/{0..9}.tar' 'out dir' --preset none"
-    assert cs.entrypoint("generate", ["p.parquet", "out", "--model", "m"]).startswith("python -m jobs.generate ")
-    assert cs.job_module("sample-data") == "jobs.sample_data"
+        "python -m shardsmith.jobs.curate 's3://b/{0..9}.tar' 'out dir' --preset none"
+    assert cs.entrypoint("generate", ["p.parquet", "out", "--model", "m"]).startswith("python -m shardsmith.jobs.generate ")
+    assert cs.job_module("sample-data") == "shardsmith.jobs.sample_data"
     for bad in ("submit", "jobs", "../curate", "Curate", ""):
         with pytest.raises(cs.SubmitError):
             cs.job_module(bad)
@@ -218,7 +218,7 @@ def test_jobs_commands_see_the_job(two_node_run):
     status = two_node_run["status"]
     assert status.returncode == 0, status.stderr
     info = json.loads(status.stdout)
-    assert info["status"] == "SUCCEEDED" and info["entrypoint"].startswith("python -m jobs.curate s3://")
+    assert info["status"] == "SUCCEEDED" and info["entrypoint"].startswith("python -m shardsmith.jobs.curate s3://")
     assert job_id in two_node_run["list"].stdout and "SUCCEEDED" in two_node_run["list"].stdout
     assert "curate summary" in two_node_run["logs"].stdout
 

@@ -14,12 +14,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from filters.rules import KEPT, RuleSet
-from pipelines import fs as fsutil
-from pipelines.ledger import Ledger, OutputLayout, shard_stats_from_counts
-from pipelines.readers import iter_metadata_batches, metadata_column_map
-from pipelines.shards import InputShard
-from pipelines.writers import SCORES_SCHEMA
+from shardsmith.filters.rules import KEPT, RuleSet
+from shardsmith.pipelines.core import fs as fsutil
+from shardsmith.pipelines.core.ledger import Ledger, OutputLayout, shard_stats_from_counts
+from shardsmith.pipelines.formats.tar import iter_metadata_batches, metadata_column_map
+from shardsmith.pipelines.formats.inputs import InputShard
+from shardsmith.pipelines.sinks.curated import SCORES_SCHEMA
 
 BATCH_ROWS = 262_144
 

@@ -15,7 +15,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass
 
-from pipelines import fs as fsutil
+from shardsmith.pipelines.core import fs as fsutil
 
 LEDGER_DIR = "_ledger"
 TMP_DIR = "_tmp"

@@ -82,7 +82,7 @@ def decode(data: bytes, pixel_transform, max_pixels: int = DEFAULT_MAX_PIXELS,
             pixels = pixel_transform(img)
             generated = None
             if detect_generated:
-                from filters.watermark import detect
+                from shardsmith.filters.watermark import detect
 
                 generated = detect(np.asarray(img.convert("RGB")))
     except Exception as e:

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 
 import pyarrow as pa
 
-from pipelines import fs as fsutil
+from shardsmith.pipelines.core import fs as fsutil
 
 PROMPT_COLUMNS = ("key", "prompt", "negative_prompt", "seed", "num_inference_steps", "guidance_scale", "width",
                   "height", "num_images")

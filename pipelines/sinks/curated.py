@@ -14,12 +14,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from filters.rules import SCORE_FIELDS, RuleSet
-from pipelines import fs as fsutil
-from pipelines.img2dataset import merge_index_rows, original_sizes_from_index
-from pipelines.ledger import Ledger, OutputLayout, shard_stats
-from pipelines.readers import iter_tar_samples, read_index_parquet
-from pipelines.shards import InputShard
+from shardsmith.filters.rules import SCORE_FIELDS, RuleSet
+from shardsmith.pipelines.core import fs as fsutil
+from shardsmith.pipelines.formats.img2dataset import merge_index_rows, original_sizes_from_index
+from shardsmith.pipelines.core.ledger import Ledger, OutputLayout, shard_stats
+from shardsmith.pipelines.formats.tar import iter_tar_samples, read_index_parquet
+from shardsmith.pipelines.formats.inputs import InputShard
 
 SCORES_SCHEMA = pa.schema([
     ("key", pa.string()),

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipelines import fs as fsutil
-from pipelines.readers import iter_tar_samples
+from shardsmith.pipelines.core import fs as fsutil
+from shardsmith.pipelines.formats.tar import iter_tar_samples
 
 
 @dataclass(frozen=True)

@@ -23,15 +23,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from filters.clip import ClipSpec
-from filters.scorer import Scorer, ScorerSpec
-from pipelines import fs as fsutil
-from pipelines.collect import SENTINEL, ShardCollector, drive
-from pipelines.config import CurateConfig
-from pipelines.decode import DecodeError, decode
-from pipelines.ledger import RunError
-from pipelines.readers import iter_tar_samples
-from pipelines.shards import InputShard
+from shardsmith.filters.clip import ClipSpec
+from shardsmith.filters.scorer import Scorer, ScorerSpec
+from shardsmith.pipelines.core import fs as fsutil
+from shardsmith.pipelines.core.dispatch import SENTINEL, ShardCollector, drive
+from shardsmith.pipelines.config.curate import CurateConfig
+from shardsmith.pipelines.stages.decode import DecodeError, decode
+from shardsmith.pipelines.core.ledger import RunError
+from shardsmith.pipelines.formats.tar import iter_tar_samples
+from shardsmith.pipelines.formats.inputs import InputShard
 
 READ_BATCH = 64
 
@@ -147,7 +147,7 @@ class ScoreStage:
         self.scorer = Scorer(spec, device=device)
         self.batch_size = batch_size
         self.keep_embeddings = keep_embeddings
-        from pipelines.runtime import node_id
+        from shardsmith.pipelines.core.resources import node_id
 
         self.node_id = node_id()
         # One id per actor process: a restarted actor (after a crash) shows up as a new one.
@@ -243,7 +243,7 @@ def build_dataset(shards: list[InputShard], cfg: CurateConfig, spec: ScorerSpec,
     import ray
     from ray.data import ActorPoolStrategy
 
-    from pipelines.runtime import TASK_STAGE_ARGS
+    from shardsmith.pipelines.core.resources import TASK_STAGE_ARGS
 
     items = [{"shard": s.name, "url": s.url} for s in shards]
     decode_kwargs = {"pixel_transform": pixel_transform, "image_size": image_size,
@@ -327,7 +327,7 @@ OUTPUT_PARTS = ("scores", "curated", "img_emb", "metadata", "_ledger", "_tmp", "
 
 def prepare_output(cfg: CurateConfig, layout, shards: list[InputShard], mode: str, models: dict) -> dict:
     """Check or start the run manifest; --overwrite removes what an earlier run wrote."""
-    from pipelines.ledger import start_run
+    from shardsmith.pipelines.core.ledger import start_run
 
     config = {k: v for k, v in cfg.__dict__.items() if k not in ("overwrite",)}
     return start_run(layout, "shardsmith curate", {**cfg.fingerprint(), "mode": mode}, config, models,
@@ -335,7 +335,7 @@ def prepare_output(cfg: CurateConfig, layout, shards: list[InputShard], mode: st
 
 
 def check_rules_against_scores(cfg: CurateConfig, mode: str, spec: ScorerSpec) -> None:
-    from pipelines.config import ConfigError
+    from shardsmith.pipelines.config.curate import ConfigError
 
     if mode not in ("images", "urls"):
         return
@@ -352,17 +352,17 @@ def check_rules_against_scores(cfg: CurateConfig, mode: str, spec: ScorerSpec) -
 
 def run_curate(cfg: CurateConfig, log=print) -> dict:
     """Plan, validate, run and commit; returns the run's stats (also written to stats.json)."""
-    from pipelines.ledger import Ledger, OutputLayout, aggregate, write_json
-    from pipelines.metadata import filter_metadata_shard
-    from pipelines.progress import summary
-    from pipelines.runtime import ray_session
-    from pipelines.shards import plan_shards
+    from shardsmith.pipelines.core.ledger import Ledger, OutputLayout, aggregate, write_json
+    from shardsmith.pipelines.sinks.metadata import filter_metadata_shard
+    from shardsmith.pipelines.core.progress import summary
+    from shardsmith.pipelines.core.resources import ray_session
+    from shardsmith.pipelines.formats.inputs import plan_shards
 
     cfg.validate()
     rules = cfg.ruleset()
     needs = rules.needs()
     if cfg.mode == "urls":  # LAION metadata -> fetched images -> the images pipeline
-        from pipelines.download import plan_url_shards
+        from shardsmith.pipelines.stages.download import plan_url_shards
 
         mode, shards = "urls", plan_url_shards(cfg.input, cfg.urls_per_shard)
     else:
@@ -389,7 +389,7 @@ def run_curate(cfg: CurateConfig, log=print) -> dict:
     committed = ledger.committed()
     retry = []
     if mode == "urls" and cfg.retry_failed:  # committed shards with failures to fetch again
-        from pipelines.download import shards_to_retry
+        from shardsmith.pipelines.stages.download import shards_to_retry
 
         retry = shards_to_retry(committed, [s.name for s in shards], cfg.retry_kinds, layout)
     todo = [s for s in shards if s.name not in committed or s.name in retry]
@@ -405,7 +405,7 @@ def run_curate(cfg: CurateConfig, log=print) -> dict:
             if mode == "images":
                 _run_images(cfg, todo, rules, spec, scorer, layout, log)
             elif mode == "urls":
-                from pipelines.download import url_stage
+                from shardsmith.pipelines.stages.download import url_stage
 
                 _run_images(cfg, todo, rules, spec, scorer, layout, log, **url_stage(cfg, todo, rules, layout))
             else:
@@ -437,7 +437,7 @@ def run_curate(cfg: CurateConfig, log=print) -> dict:
     notes.append(f"\noutputs in {cfg.output}: scores/, curated/, stats.json, manifest.json")
     log(summary(stats, f"\ncurate summary ({mode} mode, {stats['shards_committed']} shards)", notes))
     if cfg.report:
-        from pipelines.report import report_after_run
+        from shardsmith.pipelines.report import report_after_run
 
         report_after_run(cfg.output, log=log)  # a failure is a warning: the data is committed
     return stats
@@ -449,10 +449,10 @@ def _run_images(cfg, todo, rules, spec, scorer, layout, log, read_fn=None, read_
     downloaded shards the writer reads (``write_shards``, by name)."""
     import ray
 
-    from pipelines.progress import Progress
-    from pipelines.readers import read_index_parquet  # noqa: F401  (workers import it too)
-    from pipelines.runtime import cluster_resources, node_cpus, plan_resources
-    from pipelines.writers import write_image_shard
+    from shardsmith.pipelines.core.progress import Progress
+    from shardsmith.pipelines.formats.tar import read_index_parquet  # noqa: F401  (workers import it too)
+    from shardsmith.pipelines.core.resources import cluster_resources, node_cpus, plan_resources
+    from shardsmith.pipelines.sinks.curated import write_image_shard
 
     cpus, gpus = cluster_resources()
     plan = plan_resources(cpus, gpus, cfg.device, cfg.num_actors, cfg.actor_cpus, nodes=node_cpus())
@@ -521,8 +521,8 @@ def _run_metadata(cfg, todo, rules, layout, filter_fn, log) -> None:
     executor added about a second to a run of a few files (bench/metadata_filter.py)."""
     import ray
 
-    from pipelines.progress import Progress
-    from pipelines.runtime import cluster_resources
+    from shardsmith.pipelines.core.progress import Progress
+    from shardsmith.pipelines.core.resources import cluster_resources
 
     progress = Progress("curate", None, len(todo), enabled=cfg.progress)
     # One CPU per file: the work is CPU-bound, and on a 2-CPU node two tasks of half a CPU each

@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from filters.clip import DEFAULT_MODEL, DEFAULT_PRETRAINED
-from filters.presets import preset_rules
-from filters.rules import RuleError, RuleSet
-from pipelines import fs as fsutil
-from pipelines.fetch import OPT_OUT_DIRECTIVES, RETRYABLE_KINDS
+from shardsmith.filters.clip import DEFAULT_MODEL, DEFAULT_PRETRAINED
+from shardsmith.filters.presets import preset_rules
+from shardsmith.filters.rules import RuleError, RuleSet
+from shardsmith.pipelines.core import fs as fsutil
+from shardsmith.pipelines.formats.fetch import OPT_OUT_DIRECTIVES, RETRYABLE_KINDS
 
 
 class ConfigError(ValueError):
@@ -108,7 +108,7 @@ class CurateConfig:
     def validate_fetch(self) -> None:
         """The ``mode: urls`` keys (also checked in other modes, where the ones that would be
         silently ignored are refused)."""
-        from pipelines.fetch import is_fetch_error_kind
+        from shardsmith.pipelines.formats.fetch import is_fetch_error_kind
 
         if self.mode != "urls":
             for key, default in (("retry_failed", False), ("resize_max_side", 0)):

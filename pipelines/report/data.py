@@ -17,8 +17,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from filters.rules import SCORE_FIELDS, Rule, RuleError, field_values
-from pipelines import fs as fsutil
+from shardsmith.filters.rules import SCORE_FIELDS, Rule, RuleError, field_values
+from shardsmith.pipelines.core import fs as fsutil
 
 STATUS_CODES = {"kept": 0, "dropped": 1, "error": 2}
 NUMERIC_OPS = (">=", ">", "<=", "<")

@@ -23,11 +23,11 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from pipelines import fs as fsutil
-from pipelines.collect import SENTINEL
-from pipelines.curate import text
-from pipelines.ledger import Ledger, OutputLayout, shard_stats, shardsmith_version
-from pipelines.prompts import Defaults, derive_seed
+from shardsmith.pipelines.core import fs as fsutil
+from shardsmith.pipelines.core.dispatch import SENTINEL
+from shardsmith.pipelines.flows.curate import text
+from shardsmith.pipelines.core.ledger import Ledger, OutputLayout, shard_stats, shardsmith_version
+from shardsmith.pipelines.formats.prompts import Defaults, derive_seed
 
 OUTPUT_PARTS = ("_ledger", "_tmp", "manifest.json", "stats.json", "report.html", "report")
 
@@ -140,8 +140,8 @@ class _DiffusionStage:
     def __init__(self, spec, device: str, threads: int, watermark: bool):
         import torch
 
-        from filters.diffusion import Diffuser
-        from pipelines.runtime import node_id
+        from shardsmith.filters.diffusion import Diffuser
+        from shardsmith.pipelines.core.resources import node_id
 
         torch.set_num_threads(threads)
         device = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
@@ -158,7 +158,7 @@ class _DiffusionStage:
         """Watermark (when on and the image is large enough) and encode as PNG."""
         from PIL import Image
 
-        from filters import watermark as wm
+        from shardsmith.filters import watermark as wm
 
         info = None
         if self.watermark:
@@ -326,7 +326,7 @@ def _plan(cfg: GenerateConfig):
 
     import torch
 
-    from pipelines.runtime import cluster_resources, node_cpus, plan_resources
+    from shardsmith.pipelines.core.resources import cluster_resources, node_cpus, plan_resources
 
     cpus, gpus = cluster_resources()
     plan = plan_resources(cpus, gpus, cfg.device, cfg.num_actors, cfg.actor_cpus, nodes=node_cpus())
@@ -336,8 +336,8 @@ def _plan(cfg: GenerateConfig):
 
 
 def _finish(layout, names: list[str], manifest: dict, t0: float, tool: str, log) -> dict:
-    from pipelines.ledger import aggregate, write_json
-    from pipelines.progress import summary
+    from shardsmith.pipelines.core.ledger import aggregate, write_json
+    from shardsmith.pipelines.core.progress import summary
 
     entries = Ledger(layout).committed()
     missing = [n for n in names if n not in entries]
@@ -357,7 +357,7 @@ def _finish(layout, names: list[str], manifest: dict, t0: float, tool: str, log)
 
 def _start(cfg: GenerateConfig, tool: str, models: dict, inputs: list, names: list[str]):
     """Check/start the run manifest, clean what an interrupted run left; (layout, manifest, committed)."""
-    from pipelines.ledger import start_run
+    from shardsmith.pipelines.core.ledger import start_run
 
     layout = OutputLayout(cfg.output)
     parts = OUTPUT_PARTS + tuple(f"{n}.{e}" for n in names for e in ("tar", "parquet"))
@@ -374,7 +374,7 @@ def _diffuse_and_write(ds, stage, stage_args: tuple, plan, cfg: GenerateConfig, 
     import ray
     from ray.data import ActorPoolStrategy
 
-    from pipelines.collect import drive
+    from shardsmith.pipelines.core.dispatch import drive
 
     ds = ds.map_batches(stage, fn_constructor_args=stage_args,
                         compute=ActorPoolStrategy(min_size=1, max_size=plan.num_actors),
@@ -387,11 +387,11 @@ def _diffuse_and_write(ds, stage, stage_args: tuple, plan, cfg: GenerateConfig, 
 def run_generate(cfg: GenerateConfig, log=print) -> dict:
     import ray
 
-    from filters.diffusion import DiffusionSpec, describe_model
-    from pipelines.collect import ShardCollector
-    from pipelines.progress import Progress
-    from pipelines.prompts import plan_tasks, read_prompt_table, shard_tasks
-    from pipelines.runtime import ray_session
+    from shardsmith.filters.diffusion import DiffusionSpec, describe_model
+    from shardsmith.pipelines.core.dispatch import ShardCollector
+    from shardsmith.pipelines.core.progress import Progress
+    from shardsmith.pipelines.formats.prompts import plan_tasks, read_prompt_table, shard_tasks
+    from shardsmith.pipelines.core.resources import ray_session
 
     spec = DiffusionSpec(cfg.model, cfg.revision, cfg.scheduler, cfg.dtype)
     spec.validate()
@@ -427,12 +427,12 @@ def run_generate(cfg: GenerateConfig, log=print) -> dict:
 def run_augment(cfg: GenerateConfig, log=print) -> dict:
     import ray
 
-    from filters.diffusion import DiffusionSpec, describe_model
-    from pipelines.collect import ShardCollector
-    from pipelines.curate import read_shard_rows  # the same reader as curate
-    from pipelines.progress import Progress
-    from pipelines.runtime import TASK_STAGE_ARGS, ray_session
-    from pipelines.shards import plan_shards
+    from shardsmith.filters.diffusion import DiffusionSpec, describe_model
+    from shardsmith.pipelines.core.dispatch import ShardCollector
+    from shardsmith.pipelines.flows.curate import read_shard_rows  # the same reader as curate
+    from shardsmith.pipelines.core.progress import Progress
+    from shardsmith.pipelines.core.resources import TASK_STAGE_ARGS, ray_session
+    from shardsmith.pipelines.formats.inputs import plan_shards
 
     if not 0 < cfg.strength <= 1:
         raise ValueError(f"--strength {cfg.strength}: must be in (0, 1]")
@@ -463,8 +463,8 @@ def run_augment(cfg: GenerateConfig, log=print) -> dict:
 
 def captions_table(url: str, limit: int = 0) -> pa.Table:
     """Prompts from a (curated) webdataset: one row per sample with a caption; keys link back."""
-    from pipelines.readers import iter_tar_samples
-    from pipelines.shards import plan_shards
+    from shardsmith.pipelines.formats.tar import iter_tar_samples
+    from shardsmith.pipelines.formats.inputs import plan_shards
 
     _, shards = plan_shards(url, "images")
     rows = []

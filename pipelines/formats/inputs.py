@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from pipelines import fs as fsutil
-from pipelines.readers import metadata_column_map, metadata_schema
+from shardsmith.pipelines.core import fs as fsutil
+from shardsmith.pipelines.formats.tar import metadata_column_map, metadata_schema
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -150,7 +150,7 @@ def check_metadata_columns(url: str, schema: pa.Schema, required: set[str]) -> N
         if canon == "caption" and "caption" not in cmap:
             raise InputError(f"{url}: missing column 'TEXT' (the caption), needed by the rules")
         if canon not in cmap:
-            from pipelines.readers import LAION_COLUMNS
+            from shardsmith.pipelines.formats.tar import LAION_COLUMNS
 
             spell = LAION_COLUMNS.get(canon, (canon,))[0].upper()
             raise InputError(f"{url}: missing column {spell!r} (any letter case), needed by the rules "

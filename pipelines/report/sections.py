@@ -24,14 +24,14 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from filters.rules import SCORE_FIELDS, field_values
-from pipelines import fs as fsutil
-from pipelines import report_plots as plots
-from pipelines.readers import iter_tar_samples
-from pipelines.report_data import (SCORE_LABELS, ReportError, Run, Scan, comparison_rules, load_run,
+from shardsmith.filters.rules import SCORE_FIELDS, field_values
+from shardsmith.pipelines.core import fs as fsutil
+from shardsmith.pipelines.report import plots as plots
+from shardsmith.pipelines.formats.tar import iter_tar_samples
+from shardsmith.pipelines.report.data import (SCORE_LABELS, ReportError, Run, Scan, comparison_rules, load_run,
                                    rule_passes, scan_scores, subsample)
-from pipelines.report_html import attrs, data_uri, esc, page, plot_img, section, stat_num, table, tile
-from pipelines.samples import FoundImage, Wanted, fetch_images
+from shardsmith.pipelines.report.html import attrs, data_uri, esc, page, plot_img, section, stat_num, table, tile
+from shardsmith.pipelines.report.samples import FoundImage, Wanted, fetch_images
 
 THUMB = 160  # px, the long side of a thumbnail
 PER_GRID = 16

@@ -41,12 +41,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import ExifTags, Image
 
-from filters.rules import RuleSet, field_values
-from pipelines import fs as fsutil
-from pipelines.fetch import Fetcher, FetchOptions, FetchResult
-from pipelines.img2dataset import INDEX_SCHEMA, META_KEY
-from pipelines.readers import iter_tar_samples, metadata_column_map
-from pipelines.shards import InputError, InputShard, plan_shards
+from shardsmith.filters.rules import RuleSet, field_values
+from shardsmith.pipelines.core import fs as fsutil
+from shardsmith.pipelines.formats.fetch import Fetcher, FetchOptions, FetchResult
+from shardsmith.pipelines.formats.img2dataset import INDEX_SCHEMA, META_KEY
+from shardsmith.pipelines.formats.tar import iter_tar_samples, metadata_column_map
+from shardsmith.pipelines.formats.inputs import InputError, InputShard, plan_shards
 
 DOWNLOADED_DIR = "downloaded"
 MTIME = 1_700_000_000  # fixed tar member time: the same rows give the same bytes
@@ -130,7 +130,7 @@ def as_input_shard(dest: str, name: str) -> InputShard:
 def read_metadata_rows(shard: UrlShard) -> tuple[pa.Table, set[str]]:
     """Rows ``start:stop`` under shardsmith's names (scores schema), and the canonical columns the
     file really has (the others are null)."""
-    from pipelines.metadata import canonical_batch
+    from shardsmith.pipelines.sinks.metadata import canonical_batch
 
     with fsutil.open_file(shard.url) as f:
         pf = pq.ParquetFile(f)
@@ -431,7 +431,7 @@ def download_and_read(batch: dict, url_shards: dict, dest: str, tmp_dir: str, ru
                       options: DownloadOptions, per_shard: int, rows_per_batch: int | None = None) -> Iterator[dict]:
     """Ray Data UDF, curate's read stage in urls mode: download a shard (or reuse its complete
     download), then stream its tar exactly as images mode streams an input tar."""
-    from pipelines.curate import read_shard_rows
+    from shardsmith.pipelines.flows.curate import read_shard_rows
 
     for name in batch["shard"]:
         shard = url_shards[str(name)]
@@ -444,7 +444,7 @@ def download_and_read(batch: dict, url_shards: dict, dest: str, tmp_dir: str, ru
 def url_stage(cfg, todo: list[UrlShard], rules: RuleSet, layout) -> dict:
     """What curate's images dataflow needs to run on URL shards: the download-and-read stage and
     the downloaded shards its writer copies from (keyword arguments of ``_run_images``)."""
-    from pipelines.curate import read_batch_rows
+    from shardsmith.pipelines.flows.curate import read_batch_rows
 
     dest = layout.path(DOWNLOADED_DIR)
     return {
@@ -472,7 +472,7 @@ def download_task(shard: UrlShard, dest: str, tmp_dir: str, rules: RuleSet, opti
                   per_shard: int, out_root: str) -> dict:
     """Ray task of ``shardsmith download``: download, then commit the shard in the ledger with
     curate's counters (success -> kept, skipped -> dropped by rule, failed -> error by kind)."""
-    from pipelines.ledger import Ledger, OutputLayout, shard_stats
+    from shardsmith.pipelines.core.ledger import Ledger, OutputLayout, shard_stats
 
     summary = download_shard(shard, dest, tmp_dir, rules, options, per_shard)
     tar_url, index_url = download_paths(dest, shard.name)
@@ -490,10 +490,10 @@ def run_download(cfg, log=print) -> dict:
     """``shardsmith download``: the download step alone, into OUTPUT/NNNNN.tar + .parquet."""
     import ray
 
-    from pipelines.config import ConfigError
-    from pipelines.ledger import Ledger, OutputLayout, RunError, aggregate, start_run, write_json
-    from pipelines.progress import Progress, summary
-    from pipelines.runtime import ray_session
+    from shardsmith.pipelines.config.curate import ConfigError
+    from shardsmith.pipelines.core.ledger import Ledger, OutputLayout, RunError, aggregate, start_run, write_json
+    from shardsmith.pipelines.core.progress import Progress, summary
+    from shardsmith.pipelines.core.resources import ray_session
 
     cfg.mode = "urls"
     cfg.validate()

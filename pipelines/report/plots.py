@@ -10,7 +10,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from filters.rules import Rule
+from shardsmith.filters.rules import Rule
 
 COLORS = {"rows": "#4c6a92", "kept": "#2e9e4f", "dropped": "#e07b39", "error": "#8c8c8c", "threshold": "#c0392b"}
 STATUS_NAMES = ("kept", "dropped", "error")
