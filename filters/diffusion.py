@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from shardsmith.errors import ConfigError
+
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
     "pndm": "PNDMScheduler",
@@ -33,8 +35,8 @@ SCHEDULERS = {
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class DiffusionError(ValueError):
-    pass
+class DiffusionError(ConfigError):
+    """A model that cannot be found or loaded, or a setting it cannot take."""
 
 
 @dataclass(frozen=True)

@@ -1,17 +1,22 @@
-"""Score heads on the L2-normalised CLIP image embedding.
+"""Score heads on the L2-normalised CLIP image embedding: one class per head architecture.
 
 Every head is a small torch module that maps a batch of normalised embeddings (N, D) to one score
 per row. Weights are loaded only through safe paths: ``torch.load(weights_only=True)`` for
 ``.pt/.pth/.bin`` state dicts, or safetensors. The input width D is read from the weights, so the
-same code serves the original ViT-L/14 heads (D=768) and tiny test models.
+same code serves the original ViT-L/14 heads (D=768) and tiny test models. The architectures
+(``filters.scores.HEAD_ARCHS`` describes their files and output ranges):
 
-- ``AestheticMLP``: the LAION improved aesthetic predictor
-  (christophschuhmann/improved-aesthetic-predictor). Same layers and state-dict keys as the
-  original ``sac+logos+ava1-l14-linearMSE.pth`` (``layers.0/2/4/6/7``), so that file loads as is.
-- ``NsfwHead``: the architecture of LAION's CLIP-based NSFW detector
+- ``linear``: ``LinearHead``, an ``nn.Linear(D, 1)`` state dict (keys ``weight``, ``bias``), the layout
+  of LAION's v1 aesthetic heads ``sa_0_4_vit_*_linear.pth``; raw output.
+- ``probability``: ``ProbabilityHead``, Linear layers with ReLU between, sigmoid output; the
+  watermark score, and what :func:`fit_probability_head` fits.
+- ``mlp``: ``MLPHead``, the same stack with raw output (a regression head; LAION's ReLU aesthetic
+  variant ``ava+logos-l14-reluMSE.pth`` loads as is).
+- ``laion-aesthetic``: ``AestheticMLP``, the LAION improved aesthetic predictor
+  (christophschuhmann/improved-aesthetic-predictor). Same layers and state-dict keys as the original
+  ``sac+logos+ava1-l14-linearMSE.pth`` (``layers.0/2/4/6/7``), so that file loads as is.
+- ``laion-nsfw``: ``NsfwHead``, the architecture of LAION's CLIP-based NSFW detector
   (``Normalization(mean, var) -> 64 ReLU -> 512 ReLU -> 256 ReLU -> 1 sigmoid``), 1 = unsafe.
-- ``ProbabilityHead``: a CLIP-embedding classifier (logistic regression or MLP) giving a
-  probability; used for the watermark score, and fit with :func:`fit_probability_head`.
 """
 
 from __future__ import annotations
@@ -22,12 +27,29 @@ import numpy as np
 import torch
 from torch import nn
 
+from shardsmith.filters.scores import BUILTIN, HEAD_ARCHS
 from shardsmith.filters.weights import WeightsError as HeadLoadError
 from shardsmith.filters.weights import read_state_dict
 
-HEAD_NAMES = ("aesthetic", "pwatermark", "punsafe")
 
+class LinearHead(nn.Module):
+    """``nn.Linear(D, 1)`` on the embedding, raw output (LAION's v1 aesthetic heads)."""
 
+    def __init__(self, input_size: int):
+        super().__init__()
+        self.linear = nn.Linear(input_size, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x).squeeze(-1)
+
+    @classmethod
+    def from_state_dict(cls, sd: dict[str, torch.Tensor]) -> "LinearHead":
+        _check_keys(sd, {"weight", "bias"}, "linear head (nn.Linear(D, 1) state dict)")
+        if sd["weight"].ndim != 2 or sd["weight"].shape[0] != 1:
+            raise HeadLoadError(f"weight has shape {list(sd['weight'].shape)}, expected [1, D]")
+        head = cls(sd["weight"].shape[1])
+        head.linear.load_state_dict(sd, strict=True)
+        return head
 
 
 class AestheticMLP(nn.Module):
@@ -92,40 +114,61 @@ class NsfwHead(nn.Module):
         return head
 
 
-class ProbabilityHead(nn.Module):
-    """Binary classifier on the embedding: ``layers`` is Linear(+ReLU)... ending in 1 logit.
+class MLPHead(nn.Module):
+    """Linear layers with a ReLU between consecutive ones (``layers.N``, N read from the file),
+    raw output. Dropout positions of a file saved in training layout are skipped (identity in
+    eval mode), so e.g. keys ``layers.0/3/6/9/11`` load as they are."""
 
-    With no hidden layer it is a logistic regression. The layer sizes are read from the weights.
-    """
+    sigmoid = False
 
-    def __init__(self, sizes: list[int]):
+    def __init__(self, sizes: list[int], positions: list[int] | None = None):
         super().__init__()
-        mods: list[nn.Module] = []
+        positions = positions or [2 * i for i in range(len(sizes) - 1)]
+        mods: dict[int, nn.Module] = {}
         for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-            mods.append(nn.Linear(a, b))
+            mods[positions[i]] = nn.Linear(a, b)
             if i < len(sizes) - 2:
-                mods.append(nn.ReLU())
-        self.layers = nn.Sequential(*mods)
+                mods[positions[i] + 1] = nn.ReLU()
+        top = max(mods)
+        self.layers = nn.Sequential(*[mods.get(j, nn.Identity()) for j in range(top + 1)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.layers(x)).squeeze(-1)
+        y = self.layers(x).squeeze(-1)
+        return torch.sigmoid(y) if self.sigmoid else y
 
     @classmethod
-    def from_state_dict(cls, sd: dict[str, torch.Tensor]) -> "ProbabilityHead":
-        idx = sorted({int(k.split(".")[1]) for k in sd if k.startswith("layers.")})
+    def from_state_dict(cls, sd: dict[str, torch.Tensor]):
+        idx = sorted({int(k.split(".")[1]) for k in sd if k.startswith("layers.") and k.split(".")[1].isdigit()})
         if not idx:
-            raise HeadLoadError("no 'layers.N.weight' keys: not a probability head state dict")
+            raise HeadLoadError("no 'layers.N.weight' keys: not a Linear/ReLU stack state dict")
+        missing = [i for i in idx if f"layers.{i}.weight" not in sd]
+        if missing:
+            raise HeadLoadError(f"layers.{missing[0]} has no weight")
+        if any(b - a < 2 for a, b in zip(idx[:-1], idx[1:])):
+            raise HeadLoadError(f"layers at positions {idx}: consecutive Linear layers need a ReLU between them "
+                                "(for LAION's linearMSE aesthetic layout use arch laion-aesthetic)")
         sizes = [sd[f"layers.{idx[0]}.weight"].shape[1]] + [sd[f"layers.{i}.weight"].shape[0] for i in idx]
         if sizes[-1] != 1:
             raise HeadLoadError(f"last layer has {sizes[-1]} outputs, expected 1")
-        head = cls(sizes)
-        expected = {f"layers.{2 * j}.{p}" for j in range(len(idx)) for p in ("weight", "bias")}
-        _check_keys(sd, expected, "probability head (Linear/ReLU stack)")
+        head = cls(sizes, idx)
+        expected = {f"layers.{i}.{p}" for i in idx for p in ("weight", "bias")}
+        _check_keys(sd, expected, f"{cls.__name__} (Linear/ReLU stack)")
         head.load_state_dict(sd, strict=True)
         return head
 
 
-HEAD_CLASSES = {"aesthetic": AestheticMLP, "pwatermark": ProbabilityHead, "punsafe": NsfwHead}
+class ProbabilityHead(MLPHead):
+    """Binary classifier on the embedding: the Linear/ReLU stack ending in one logit, sigmoid output.
+
+    With no hidden layer it is a logistic regression. The layer sizes are read from the weights.
+    """
+
+    sigmoid = True
+
+
+# The architectures of filters.scores.HEAD_ARCHS (a test checks both tables name the same ones).
+ARCH_CLASSES = {"linear": LinearHead, "probability": ProbabilityHead, "mlp": MLPHead,
+                "laion-aesthetic": AestheticMLP, "laion-nsfw": NsfwHead}
 
 
 def _check_keys(sd: dict, expected: set[str], what: str) -> None:
@@ -138,24 +181,28 @@ def _check_keys(sd: dict, expected: set[str], what: str) -> None:
         )
 
 
-def load_head(name: str, path: str, embed_dim: int | None = None) -> nn.Module:
-    """Build head ``name`` (aesthetic | pwatermark | punsafe) from the weights at ``path``."""
-    if name not in HEAD_CLASSES:
-        raise HeadLoadError(f"unknown head {name!r}; known: {', '.join(HEAD_CLASSES)}")
+def input_dim(head: nn.Module) -> int:
+    return next(iter(head.parameters())).shape[1]
+
+
+def load_head(name: str, path: str, embed_dim: int | None = None, arch: str | None = None) -> nn.Module:
+    """Build head ``name`` from the weights at ``path`` with architecture ``arch`` (default: the
+    built-in score's own: aesthetic laion-aesthetic, pwatermark probability, punsafe laion-nsfw)."""
+    arch = arch or (BUILTIN[name].arch if name in BUILTIN else None)
+    if arch not in ARCH_CLASSES:
+        raise HeadLoadError(f"head {name!r}: unknown arch {arch!r}; known: {', '.join(HEAD_ARCHS)}")
     sd = read_state_dict(path)
     try:
-        head = HEAD_CLASSES[name].from_state_dict(sd)
+        head = ARCH_CLASSES[arch].from_state_dict(sd)
     except HeadLoadError as e:
         raise HeadLoadError(f"{path}: {e}") from e
-    in_dim = next(iter(head.parameters())).shape[1]
+    in_dim = input_dim(head)
     if embed_dim is not None and in_dim != embed_dim:
         raise HeadLoadError(
             f"{path}: the {name} head expects {in_dim}-d embeddings but the CLIP model gives "
             f"{embed_dim}-d (the LAION heads need ViT-L-14-quickgelu/openai, 768-d)"
         )
     return head.eval()
-
-
 @dataclass
 class FitResult:
     head: ProbabilityHead

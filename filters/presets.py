@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from shardsmith.filters.rules import RuleError
-
 PRESETS: dict[str, dict] = {
     "laion-aesthetics-5plus": {
         "description": "LAION-Aesthetics v2 5+: aesthetic >= 5, pwatermark < 0.8, punsafe < 0.5",
@@ -23,6 +21,8 @@ PRESETS: dict[str, dict] = {
 
 
 def preset_rules(name: str) -> list[str]:
+    from shardsmith.filters.rules import RuleError
+
     if name not in PRESETS:
         raise RuleError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
     return list(PRESETS[name]["rules"])

@@ -7,9 +7,10 @@ column of a dropped row:
     min_side >= 512         aspect_ratio <= 3       caption_length >= 5  has url
 
 ``FIELD OP NUMBER`` with OP one of ``>= > <= < == !=``, or ``has FIELD`` (present and non-empty).
-FIELD is a column of the table (the scores ``aesthetic pwatermark punsafe similarity``, the
-original size ``original_width original_height``) or a derived quantity: ``min_side``,
-``max_side``, ``aspect_ratio`` (long side / short side, >= 1) and ``caption_length`` (characters).
+FIELD is a column of the table (a score of the registry, ``filters.scores``: the built-ins
+``aesthetic pwatermark punsafe similarity`` and any head the run declares; the original size
+``original_width original_height``) or a derived quantity: ``min_side``, ``max_side``,
+``aspect_ratio`` (long side / short side, >= 1) and ``caption_length`` (characters).
 
 A row is kept when it passes every rule. A dropped row's ``reason`` is the first rule it fails,
 in the order given. A row whose value for a rule's field is missing (null/NaN) or outside the
@@ -27,16 +28,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from shardsmith.errors import ConfigError
+from shardsmith.filters.scores import BUILTIN
+
 OPS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt,
        "==": operator.eq, "!=": operator.ne}
 
-# Valid value ranges of known fields; a value outside is bad data (an error row), and a rule
-# threshold outside is a config error raised before any work starts.
-FIELD_RANGES: dict[str, tuple[float, float]] = {
-    "pwatermark": (0.0, 1.0),
-    "punsafe": (0.0, 1.0),
-    "similarity": (-1.0, 1.0),
-    "aesthetic": (-math.inf, math.inf),
+# Valid value ranges of the fields that are not scores (the scores' come from their registry
+# entries); a value outside is bad data (an error row), and a rule threshold outside is a config
+# error raised before any work starts.
+BASE_RANGES: dict[str, tuple[float, float]] = {
     "original_width": (0.0, math.inf),
     "original_height": (0.0, math.inf),
     "min_side": (0.0, math.inf),
@@ -44,14 +45,17 @@ FIELD_RANGES: dict[str, tuple[float, float]] = {
     "aspect_ratio": (1.0, math.inf),
     "caption_length": (0.0, math.inf),
 }
+# The ranges of the built-in scores and the base fields: what a rule is checked against when the
+# run declares no heads of its own (ScoreSet.ranges() adds those).
+FIELD_RANGES: dict[str, tuple[float, float]] = {**{s.name: s.range for s in BUILTIN.values()}, **BASE_RANGES}
 DERIVED = {"min_side", "max_side", "aspect_ratio", "caption_length"}
-SCORE_FIELDS = ("aesthetic", "pwatermark", "punsafe", "similarity")
+SCORE_FIELDS = tuple(BUILTIN)  # the built-in scores, in column order
 
 _CMP = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(>=|<=|==|!=|>|<)\s*([-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?)\s*$")
 _HAS = re.compile(r"^\s*has\s+([A-Za-z_][A-Za-z0-9_]*)\s*$")
 
 
-class RuleError(ValueError):
+class RuleError(ConfigError):
     """A rule that cannot be parsed or cannot apply; raised before any work is scheduled."""
 
 
@@ -60,6 +64,7 @@ class Rule:
     field: str
     op: str  # one of OPS, or "has"
     value: float | None = None
+    valid: tuple[float, float] = (-math.inf, math.inf)  # the field's valid range (values outside: error rows)
 
     @property
     def name(self) -> str:
@@ -70,7 +75,8 @@ class Rule:
         return f"{self.field}{self.op}{text}"
 
     @classmethod
-    def parse(cls, text: str) -> "Rule":
+    def parse(cls, text: str, ranges: dict[str, tuple[float, float]] | None = None) -> "Rule":
+        """``ranges``: the valid range of each field (default: the built-in scores and base fields)."""
         if not isinstance(text, str):
             raise RuleError(f"rule {text!r}: expected a text such as 'aesthetic >= 5'")
         m = _HAS.match(text)
@@ -83,11 +89,11 @@ class Rule:
                 "'has FIELD', e.g. 'aesthetic >= 5'"
             )
         field, op, value = m.group(1), m.group(2), float(m.group(3))
-        rng = FIELD_RANGES.get(field)
+        rng = {**FIELD_RANGES, **(ranges or {})}.get(field)
         if rng and not (rng[0] <= value <= rng[1]):
             raise RuleError(f"rule {text!r}: threshold {value:g} is outside the range of {field} "
                             f"[{rng[0]:g}, {rng[1]:g}]")
-        return cls(field, op, value)
+        return cls(field, op, value, tuple(rng) if rng else (-math.inf, math.inf))
 
     def needs(self) -> set[str]:
         """Source columns this rule reads."""
@@ -181,8 +187,8 @@ class RuleSet:
         self.rules = rules
 
     @classmethod
-    def parse(cls, texts: list[str]) -> "RuleSet":
-        return cls([Rule.parse(t) for t in texts])
+    def parse(cls, texts: list[str], ranges: dict[str, tuple[float, float]] | None = None) -> "RuleSet":
+        return cls([Rule.parse(t, ranges) for t in texts])
 
     @property
     def names(self) -> list[str]:
@@ -217,7 +223,7 @@ class RuleSet:
             if missing.any():
                 status_code[missing], reason_code[missing] = ERROR, reasons.code("missing_value")
                 error_code[missing] = errors.code(f"{rule.field} is missing (null or NaN); rule '{rule.name}' needs it")
-            lo, hi = FIELD_RANGES.get(rule.field, (-math.inf, math.inf))
+            lo, hi = rule.valid
             with np.errstate(invalid="ignore"):
                 bad = open_rows & ~np.isnan(vals) & ((vals < lo) | (vals > hi))
             if bad.any():

@@ -1,7 +1,9 @@
 """Embed once, score many: one CLIP image forward per sample feeds every head.
 
 ``Scorer`` holds the embedder and the heads that have weights; it has no Ray in it, so it is
-used as is by the Ray actor in ``pipelines/curate.py``, by tests and by benchmarks.
+used as is by the Ray actor in ``pipelines/stages/score.py``, by tests and by benchmarks. What it
+computes is the run's :class:`~shardsmith.filters.scores.ScoreSet`: every score whose head has
+weights, and the caption similarity when asked; the others are not computed (null columns).
 """
 
 from __future__ import annotations
@@ -13,18 +15,25 @@ import torch
 
 from shardsmith.filters.clip import ClipEmbedder, ClipSpec
 from shardsmith.filters.heads import load_head
+from shardsmith.filters.scores import EMBEDDING_AND_CAPTION, HeadSpec, ScoreSet
+from shardsmith.filters.weights import WeightsError
 
 
 @dataclass(frozen=True)
 class ScorerSpec:
     clip: ClipSpec = ClipSpec()
-    heads: dict[str, str] = field(default_factory=dict)  # score name -> weights path
+    heads: dict[str, HeadSpec] = field(default_factory=dict)  # score name -> architecture and weights
     similarity: bool = True
+    scores: ScoreSet = field(default_factory=ScoreSet.for_run)
 
     def computed(self) -> list[str]:
-        """Score columns this spec computes (the others are null)."""
-        return [h for h in ("aesthetic", "pwatermark", "punsafe") if self.heads.get(h)] + (
-            ["similarity"] if self.similarity else [])
+        """Score columns this spec computes, in column order (the others are null)."""
+        return [s.name for s in self.scores
+                if s.name in self.heads or (s.consumes == EMBEDDING_AND_CAPTION and self.similarity)]
+
+    def not_computed(self) -> list[str]:
+        done = set(self.computed())
+        return [n for n in self.scores.names if n not in done]
 
 
 def pick_device(requested: str = "auto") -> str:
@@ -40,10 +49,13 @@ class Scorer:
         self.spec = spec
         self.device = pick_device(device)
         self.embedder = ClipEmbedder(spec.clip, device=self.device)
-        self.heads = {
-            name: load_head(name, path, embed_dim=self.embedder.embed_dim).to(self.device)
-            for name, path in spec.heads.items() if path
-        }
+        self.heads = {}
+        for name, head in spec.heads.items():
+            try:
+                module = load_head(name, head.weights, embed_dim=self.embedder.embed_dim, arch=head.arch)
+            except WeightsError as e:
+                raise WeightsError(f"head {name!r} ({head.arch}): {e}") from e
+            self.heads[name] = module.to(self.device)
 
     @property
     def pixel_transform(self):

@@ -15,8 +15,10 @@ import fsspec
 import torch
 from fsspec.core import url_to_fs
 
+from shardsmith.errors import ConfigError
 
-class WeightsError(ValueError):
+
+class WeightsError(ConfigError):
     """A weights file cannot be loaded; the message says which file and why."""
 
 
