@@ -1,26 +1,22 @@
-"""Run configuration: one dataclass per job, filled from a YAML file and from CLI flags.
+"""``curate`` (and ``download``): what a run is asked to do, validated before any work.
 
-Validation happens here, before any work is scheduled: unknown keys, wrong types and thresholds
-out of range are rejected with the key's name. The YAML is read with ``yaml.safe_load``.
+The heads: the built-in scores take their weights from ``aesthetic_head``, ``watermark_head`` and
+``nsfw_head`` (``--aesthetic-head`` ...); any number of others are declared under ``heads``
+(``--head NAME=ARCH:PATH``), each becoming a score column rules can use (``filters/scores.py``).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import typing
 from dataclasses import dataclass, field
 
-import yaml
-
+from shardsmith.errors import ConfigError
 from shardsmith.filters.clip import DEFAULT_MODEL, DEFAULT_PRETRAINED
 from shardsmith.filters.presets import preset_rules
 from shardsmith.filters.rules import RuleError, RuleSet
-from shardsmith.pipelines.core import fs as fsutil
+from shardsmith.filters.scores import BUILTIN, BUILTIN_HEADS, HeadSpec, ScoreSet, declared_score
 from shardsmith.pipelines.formats.fetch import OPT_OUT_DIRECTIVES, RETRYABLE_KINDS
 
-
-class ConfigError(ValueError):
-    """A configuration problem, found before any work starts; the message names the key."""
+HEAD_KEYS = ("arch", "weights", "label")  # of an entry under ``heads``
 
 
 @dataclass
@@ -33,6 +29,7 @@ class CurateConfig:
     aesthetic_head: str | None = None
     watermark_head: str | None = None
     nsfw_head: str | None = None
+    heads: dict[str, dict] = field(default_factory=dict)  # NAME -> {arch, weights[, label]}: more score columns
     similarity: bool = True
     preset: str | None = "laion-aesthetics-5plus"
     rules: list[str] = field(default_factory=list)  # added after the preset's rules
@@ -50,7 +47,7 @@ class CurateConfig:
     overwrite: bool = False
     progress: bool = True
     report: bool = True  # write OUTPUT/report.html at the end; does not change the data outputs
-    # mode urls: fetch the URLs of LAION metadata (pipelines/download.py, pipelines/fetch.py)
+    # mode urls: fetch the URLs of LAION metadata (stages/download.py, formats/fetch.py)
     urls_per_shard: int = 10_000  # metadata rows per download shard: the unit of fetch, commit and retry
     fetch_threads: int = 16  # concurrent fetches per download task
     fetch_timeout: float = 10.0  # seconds, for the connection and for each read
@@ -69,13 +66,42 @@ class CurateConfig:
 
     def ruleset(self) -> RuleSet:
         try:
-            return RuleSet.parse(self.all_rules())
+            return RuleSet.parse(self.all_rules(), ranges=self.score_set().ranges())
         except RuleError as e:
             raise ConfigError(f"rules: {e}") from e
 
-    def heads(self) -> dict[str, str]:
-        return {k: v for k, v in (("aesthetic", self.aesthetic_head), ("pwatermark", self.watermark_head),
-                                  ("punsafe", self.nsfw_head)) if v}
+    def head_specs(self) -> dict[str, HeadSpec]:
+        """Every head with weights: the built-ins' (from their own keys), then the declared ones."""
+        out = {}
+        for s in BUILTIN_HEADS:
+            if getattr(self, s.option):
+                out[s.name] = HeadSpec(s.arch, getattr(self, s.option))
+        for name, h in self.heads.items():
+            out[name] = HeadSpec(h["arch"], h["weights"])
+        return out
+
+    def score_set(self) -> ScoreSet:
+        """The run's score columns: the built-ins, then the declared heads."""
+        return ScoreSet.for_run([declared_score(n, h["arch"], h.get("label")) for n, h in self.heads.items()])
+
+    def check_heads(self) -> None:
+        for name, h in self.heads.items():
+            if not isinstance(h, dict):
+                raise ConfigError(f"heads.{name}: expected a mapping with arch and weights, got {h!r}")
+            unknown = sorted(set(h) - set(HEAD_KEYS))
+            if unknown:
+                raise ConfigError(f"heads.{name}: unknown key {unknown[0]!r}; known: {', '.join(HEAD_KEYS)}")
+            for key in ("arch", "weights"):
+                if not isinstance(h.get(key), str) or not h[key]:
+                    raise ConfigError(f"heads.{name}: {key} is required (e.g. {{arch: linear, weights: head.pth}})")
+            if name in BUILTIN and BUILTIN[name].option and getattr(self, BUILTIN[name].option):
+                raise ConfigError(f"heads.{name}: its weights are also given by {BUILTIN[name].option} "
+                                  f"({BUILTIN[name].flag}); give them once")
+            declared_score(name, h["arch"], h.get("label"))  # raises for a bad name or arch
+
+    def to_dict(self) -> dict:
+        """The config as the manifest records it."""
+        return {k: v for k, v in self.__dict__.items() if k != "overwrite"}
 
     def fingerprint(self) -> dict:
         """What decides the outputs: a rerun into the same OUTPUT must match it to resume."""
@@ -85,7 +111,10 @@ class CurateConfig:
             keys += ("fast_decode",)
         if self.mode == "urls":  # the fetch settings that change what is stored (timeouts do not)
             keys += ("urls_per_shard", "resize_max_side", "opt_out_directives")
-        return {"rules": self.all_rules(), **{k: getattr(self, k) for k in keys}}
+        out = {"rules": self.all_rules(), **{k: getattr(self, k) for k in keys}}
+        if self.heads:  # only when declared: runs without keep their fingerprint
+            out["heads"] = {n: {"arch": h["arch"], "weights": h["weights"]} for n, h in self.heads.items()}
+        return out
 
     def validate(self) -> None:
         if not self.input:
@@ -102,6 +131,7 @@ class CurateConfig:
             raise ConfigError("num_actors / actor_cpus: must be >= 0 (0 = automatic)")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"device: {self.device!r} is not one of auto, cpu, cuda, cuda:N")
+        self.check_heads()
         self.ruleset()
 
 
@@ -131,48 +161,16 @@ class CurateConfig:
             raise ConfigError("retry_kinds: opted_out is never retried (the site asked not to be used)")
 
 
-def _check_type(key: str, value, annotation) -> object:
-    """Check ``value`` against the dataclass annotation; ints are accepted where floats are."""
-    hint = typing.get_type_hints(CurateConfig)[key] if isinstance(annotation, str) else annotation
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _check_type(key, value, inner[0])
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
-        return [_check_type(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint is int and isinstance(value, bool):
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if not isinstance(value, hint):
-        raise ConfigError(f"{key}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
-    return value
+def parse_head_flag(text: str) -> tuple[str, dict]:
+    """``--head NAME=ARCH:PATH`` -> (NAME, {arch, weights}); PATH may be any fsspec URL."""
+    name, sep, rest = text.partition("=")
+    arch, sep2, path = rest.partition(":")
+    if not (sep and sep2 and name and arch and path):
+        raise ConfigError(f"--head {text!r}: expected NAME=ARCH:PATH, e.g. pcartoon=linear:s3://models/cartoon.pth")
+    return name.strip(), {"arch": arch.strip(), "weights": path.strip()}
 
 
 def config_from_dict(data: dict, base: CurateConfig | None = None, source: str = "config") -> CurateConfig:
-    cfg = dataclasses.replace(base) if base else CurateConfig()
-    names = {f.name: f for f in dataclasses.fields(CurateConfig)}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping of keys to values, got {type(data).__name__}")
-    for key, value in data.items():
-        if key not in names:
-            raise ConfigError(f"{source}: unknown key {key!r}; known keys: {', '.join(sorted(names))}")
-        setattr(cfg, key, _check_type(key, value, names[key].type))
-    return cfg
+    from shardsmith.pipelines.config.base import from_dict
 
-
-def load_config_file(url: str) -> dict:
-    try:
-        text = fsutil.read_text(url)
-    except FileNotFoundError as e:
-        raise ConfigError(f"--config {url}: file not found") from e
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"--config {url}: not valid YAML: {e}") from e
-    return data or {}
+    return from_dict(CurateConfig, data, base, source)

@@ -1,5 +1,12 @@
-"""The driver side of every job: gather a streaming dataset's rows per shard, and hand each
-complete shard to a Ray writer task that writes and commits it.
+"""The driver side of every job: Ray tasks in a bounded window, and the rows of a streaming
+dataset gathered per shard.
+
+- ``Dispatcher``: at most ``window`` tasks in flight; ``submit`` waits while the window is full,
+  and each finished task's result (its ledger entry) is handed on as it completes -- a task's error
+  is raised at once. Metadata mode and download submit one task per shard through it; the
+  streaming jobs submit their writer tasks through it.
+- ``ShardCollector`` + ``stream_to_writers``: a streaming dataset's rows are gathered per shard and
+  each complete shard goes to a writer task.
 
 Rows carry ``shard`` and ``row``. A shard's size is either known up front (``expected``) or
 announced by one sentinel row (``row == -1``) whose ``shard_rows`` column holds the count, so a
@@ -54,39 +61,74 @@ class ShardCollector:
         return sorted(set(self.parts) | set(self.totals))
 
 
-def drive(batches, collector: ShardCollector, submit: Callable[[str, pa.Table | None], object],
-          progress=None, poll_every: float = 5.0) -> None:
-    """Consume ``batches``; submit a writer (returning a Ray ObjectRef) per complete shard; wait for
-    every writer, raising the first writer error. Progress counts rows and committed shards: a
-    writer that returns its ledger entry may account for rows that never passed through the
-    dataflow (urls mode's failed downloads, an index's rows without a sample); its ``rows_read``
-    tops the count up."""
-    import ray
+class Dispatcher:
+    """Ray tasks, at most ``window`` in flight. ``on_done(result, tag)`` is called for each
+    finished task in completion order (``tag``: what ``submit`` was given with it); the first
+    task error is raised from ``submit``, ``poll`` or ``drain``."""
 
-    inflight: dict = {}  # writer ref -> rows of its shard already counted
+    def __init__(self, window: int, on_done: Callable[[object, object], None] | None = None):
+        self.window = max(1, int(window))
+        self.on_done = on_done
+        self.inflight: dict = {}  # ObjectRef -> tag
 
-    def collect(timeout: float) -> None:
-        if not inflight:
+    def submit(self, ref, tag=None) -> None:
+        while len(self.inflight) >= self.window:
+            self._collect(timeout=None)
+        self.inflight[ref] = tag
+
+    def poll(self) -> None:
+        """Collect what has finished, without waiting."""
+        self._collect(timeout=0)
+
+    def drain(self, poll_every: float = 5.0) -> None:
+        while self.inflight:
+            self._collect(timeout=poll_every)
+
+    def _collect(self, timeout: float | None) -> None:
+        import ray
+
+        if not self.inflight:
             return
-        ready, _ = ray.wait(list(inflight), num_returns=len(inflight), timeout=timeout)
+        refs = list(self.inflight)
+        if timeout is None:
+            ready, _ = ray.wait(refs, num_returns=1)
+        else:
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
         for ref in ready:
-            counted = inflight.pop(ref)
-            entry = ray.get(ref)  # raises the writer's error, if any
-            if progress:
-                rows_read = entry.get("rows_read") if isinstance(entry, dict) else None
-                progress.update(rows=max(0, rows_read - counted) if isinstance(rows_read, int) else 0, shards=1)
+            tag = self.inflight.pop(ref)
+            result = ray.get(ref)  # raises the task's error, if any
+            if self.on_done:
+                self.on_done(result, tag)
 
+
+def progress_on_commit(progress):
+    """``on_done`` for tasks that return a shard's ledger entry: counts the shard, and the rows its
+    entry accounts for beyond those already counted as they streamed past (``tag``) -- a writer may
+    account for rows that never passed through the dataflow (urls mode's failed downloads, an
+    index's rows without a sample)."""
+    def on_done(entry, counted) -> None:
+        if progress is None:
+            return
+        rows_read = entry.get("rows_read") if isinstance(entry, dict) else None
+        progress.update(rows=max(0, rows_read - (counted or 0)) if isinstance(rows_read, int) else 0, shards=1)
+
+    return on_done
+
+
+def stream_to_writers(batches, collector: ShardCollector, submit: Callable[[str, pa.Table | None], object],
+                      dispatcher: Dispatcher, progress=None) -> None:
+    """Consume ``batches``; hand each complete shard's rows to ``submit`` (returning the Ray
+    ObjectRef of its writer task) through ``dispatcher``; wait for every writer."""
     for batch in batches:
         added, done = collector.add(batch)
         if progress:
             progress.update(rows=added)
         for name, table in done:
-            inflight[submit(name, table)] = table.num_rows if table is not None else 0
-        collect(0)
+            dispatcher.submit(submit(name, table), tag=table.num_rows if table is not None else 0)
+        dispatcher.poll()
     missing = collector.incomplete()
     if missing:
         raise RuntimeError(f"shard(s) ended without all their rows: {', '.join(missing[:10])}")
-    while inflight:
-        collect(poll_every)
+    dispatcher.drain()
     if progress:
         progress.update(force=True)

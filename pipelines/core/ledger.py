@@ -1,4 +1,4 @@
-"""The output folder's bookkeeping: the run manifest, the ledger of committed shards, stats.json.
+"""The ledger of committed shards, and the stats built from it.
 
 A shard is committed when its ledger entry ``OUTPUT/_ledger/<shard>.json`` exists; the entry is
 written last, after every output file of the shard has been moved to its final name. A rerun skips
@@ -9,43 +9,11 @@ committed shards and redoes the others, overwriting whatever an interrupted run 
 from __future__ import annotations
 
 import json
-import re
 import time
-import uuid
 from collections import Counter
-from dataclasses import dataclass
 
 from shardsmith.pipelines.core import fs as fsutil
-
-LEDGER_DIR = "_ledger"
-TMP_DIR = "_tmp"
-
-
-@dataclass
-class OutputLayout:
-    root: str
-
-    def path(self, *parts: str) -> str:
-        return fsutil.join(self.root, *parts)
-
-    @property
-    def ledger_dir(self) -> str:
-        return self.path(LEDGER_DIR)
-
-    @property
-    def tmp_dir(self) -> str:
-        return self.path(TMP_DIR)
-
-    def ledger_entry(self, shard: str) -> str:
-        return self.path(LEDGER_DIR, f"{shard}.json")
-
-    @property
-    def manifest(self) -> str:
-        return self.path("manifest.json")
-
-    @property
-    def stats(self) -> str:
-        return self.path("stats.json")
+from shardsmith.pipelines.core.layout import OutputLayout
 
 
 class Ledger:
@@ -67,6 +35,11 @@ class Ledger:
         entry = {"shard": shard, "committed_at": time.time(), **entry}
         fsutil.write_bytes_atomic(self.layout.ledger_entry(shard), json.dumps(entry, indent=1).encode(),
                                   tmp_dir=self.layout.tmp_dir)
+
+    def uncommit(self, shards: list[str]) -> None:
+        """Remove these shards' ledger entries: the next run redoes them (and so does this one)."""
+        for name in shards:
+            fsutil.remove(self.layout.ledger_entry(name))
 
     def clean_tmp(self) -> None:
         """Remove what interrupted runs left in the temporary folder."""
@@ -121,81 +94,3 @@ def shard_stats_from_counts(counts: "Counter[tuple[str, str | None]]") -> dict:
     }
     assert stats["kept"] + stats["dropped"] + stats["errors"] == stats["rows_read"], stats
     return stats
-
-
-class RunError(RuntimeError):
-    """The output folder cannot take this run (other settings, not writable)."""
-
-
-def check_writable(layout: OutputLayout) -> None:
-    probe = layout.path(TMP_DIR, f".probe-{uuid.uuid4().hex[:8]}")
-    try:
-        fsutil.write_bytes_atomic(probe, b"ok", tmp_dir=layout.tmp_dir)
-        fsutil.remove(probe)
-    except Exception as e:
-        raise RunError(f"{layout.root}: output location is not writable: {type(e).__name__}: {e}") from e
-
-
-def start_run(layout: OutputLayout, tool: str, fingerprint: dict, config: dict, models: dict, inputs: list,
-              overwrite: bool, parts: tuple[str, ...]) -> dict:
-    """Check an existing run manifest against this run's settings (resume needs the same ones),
-    or remove the earlier run's outputs (``parts``) with ``overwrite``; then write the manifest."""
-    fingerprint = redact(fingerprint)
-    if overwrite:
-        for part in parts:
-            fsutil.remove(layout.path(part), recursive=True)
-    elif fsutil.exists(layout.manifest):
-        old = json.loads(fsutil.read_text(layout.manifest)).get("fingerprint", {})
-        if old != fingerprint:
-            diff = sorted(k for k in set(fingerprint) | set(old) if fingerprint.get(k) != old.get(k))
-            raise RunError(
-                f"{layout.root} holds a run made with other settings ({', '.join(diff)} differ); "
-                "rerun with the same settings to resume, pass --overwrite to redo it, or use a new OUTPUT")
-    check_writable(layout)
-    manifest = {"tool": tool, "version": shardsmith_version(), "fingerprint": redact(fingerprint),
-                "config": redact(config), "models": redact(models), "inputs": redact(inputs),
-                "packages": package_versions(), "started_at": time.time()}
-    write_json(layout.manifest, manifest, tmp_dir=layout.tmp_dir)
-    return manifest
-
-
-_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
-_SECRET_PARAM = re.compile(r"(?i)([?&](?:x-amz-[a-z-]*|signature|sig|token|key|access_key|secret|password)=)[^&\s]+")
-
-
-def redact(obj):
-    """Remove credentials a URL may carry (user:password@, signed-URL parameters) before anything
-    is written to a manifest or a log."""
-    if isinstance(obj, str):
-        return _SECRET_PARAM.sub(r"\1REDACTED", _USERINFO.sub(r"\g<scheme>REDACTED@", obj))
-    if isinstance(obj, dict):
-        return {k: redact(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [redact(v) for v in obj]
-    return obj
-
-
-def shardsmith_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("shardsmith")
-    except Exception:
-        return "0+unknown"
-
-
-def package_versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for p in ("torch", "torchvision", "open_clip_torch", "ray", "pyarrow", "fsspec", "pillow", "numpy",
-              "diffusers", "transformers", "webdataset", "invisible-watermark"):
-        try:
-            out[p] = version(p)
-        except PackageNotFoundError:
-            pass
-    return out
-
-
-def write_json(url: str, data: dict, tmp_dir: str | None = None) -> None:
-    fsutil.write_bytes_atomic(url, (json.dumps(data, indent=1, sort_keys=False) + "\n").encode(), tmp_dir=tmp_dir)

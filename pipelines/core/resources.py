@@ -13,7 +13,6 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-
 # A local Ray runs the job's workers at the priority of the command that started it. Ray's default
 # (niceness 15 for workers, 0 for the raylet and driver) makes all of curate's work - the model
 # actors and the decode tasks - yield to every other process of the machine: on a shared 2-core

@@ -72,7 +72,7 @@ CHUNK = 64 * 1024
 
 
 def default_user_agent() -> str:
-    from shardsmith.pipelines.core.ledger import shardsmith_version
+    from shardsmith.errors import version as shardsmith_version
 
     return (f"shardsmith/{shardsmith_version()} (+https://github.com/shardsmith/shardsmith#ingest-from-urls; "
             "image-text dataset curation; honours X-Robots-Tag noai/noimageai)")

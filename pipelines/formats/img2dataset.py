@@ -18,6 +18,9 @@ import re
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from shardsmith.pipelines.core import fs as fsutil
 
 # The columns shardsmith's download step writes: img2dataset's own, then its additions.
 INDEX_SCHEMA = pa.schema([
@@ -41,6 +44,15 @@ META_KEY = b"shardsmith.download"
 # Index statuses of input rows that have no sample: img2dataset's, the download step's
 # ``skipped``, and "error": a shardsmith generate/augment row that produced no image.
 NO_SAMPLE_STATUSES = ("failed_to_download", "failed_to_resize", "skipped", "error")
+
+def read_index_parquet(url: str) -> pa.Table | None:
+    """The img2dataset parquet index beside a tar, if there is one."""
+    if not fsutil.exists(url):
+        return None
+    with fsutil.open_file(url, "rb") as f:
+        return pq.read_table(f, use_threads=False)
+
+
 
 _HTTP_CODE = re.compile(r"(?:HTTP Error |HTTP |status code )(\d{3})|\b(\d{3}) (?:Client|Server) Error", re.I)
 
@@ -172,3 +184,21 @@ def merge_index_rows(scores: pa.Table, index: pa.Table | None) -> pa.Table:
     merged = pa.concat_tables([scores, added]).sort_by("row")
     assert pc.count_distinct(merged.column("row")).as_py() == merged.num_rows, "row numbers must stay unique"
     return merged
+
+
+def expected_rows(shards) -> int | None:
+    """Rows to expect, from the img2dataset parquet indexes when every shard has one."""
+    total = 0
+    for s in shards:
+        if not s.index_url:
+            return None
+        try:
+            with fsutil.open_file(s.index_url) as f:
+                t = pq.read_table(f, columns=None, use_threads=False)
+            if "status" in t.column_names:
+                total += int(pc.sum(pc.equal(t.column("status"), "success")).as_py() or 0)
+            else:
+                total += t.num_rows
+        except Exception:
+            return None
+    return total

@@ -1,4 +1,4 @@
-"""Shard planning: turn INPUT into a checked list of shards before any work is scheduled.
+"""Input planning: turn INPUT into a checked list of shards before any work is scheduled.
 
 INPUT is an fsspec URL: a directory, a file, a glob (``s3://b/laion/*.tar``) or a brace pattern
 (``data/{00000..00009}.tar``); several may be given separated by commas. Each input file is a
@@ -12,14 +12,11 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
+from shardsmith.errors import InputError
 from shardsmith.pipelines.core import fs as fsutil
-from shardsmith.pipelines.formats.tar import metadata_column_map, metadata_schema
+from shardsmith.pipelines.formats.laion import metadata_column_map, metadata_schema
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
-
-
-class InputError(ValueError):
-    """An input problem found while planning; the message names the file (and column)."""
 
 
 @dataclass(frozen=True)
@@ -150,7 +147,7 @@ def check_metadata_columns(url: str, schema: pa.Schema, required: set[str]) -> N
         if canon == "caption" and "caption" not in cmap:
             raise InputError(f"{url}: missing column 'TEXT' (the caption), needed by the rules")
         if canon not in cmap:
-            from shardsmith.pipelines.formats.tar import LAION_COLUMNS
+            from shardsmith.pipelines.formats.laion import LAION_COLUMNS
 
             spell = LAION_COLUMNS.get(canon, (canon,))[0].upper()
             raise InputError(f"{url}: missing column {spell!r} (any letter case), needed by the rules "
@@ -159,3 +156,55 @@ def check_metadata_columns(url: str, schema: pa.Schema, required: set[str]) -> N
             t = schema.field(cmap[canon]).type
             if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_null(t)):
                 raise InputError(f"{url}: column {cmap[canon]!r} has type {t}, expected numbers")
+
+
+@dataclass(frozen=True)
+class UrlShard:
+    """Rows ``start:stop`` of a LAION metadata parquet file: the unit of download and commit."""
+
+    name: str
+    url: str
+    start: int
+    stop: int
+    kind: str = "urls"
+    index_url: str | None = None  # no index before the download (read by progress estimates)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "url": self.url, "kind": self.kind, "rows": [self.start, self.stop]}
+
+
+def plan_url_shards(spec: str, per_shard: int) -> list[UrlShard]:
+    """The metadata files of INPUT, cut into shards of at most ``per_shard`` rows. A file that
+    fits is one shard named after the file (``part-00000``); a larger one gives ``part-00000_00000``,
+    ``part-00000_00001`` ... (the name is part of every key and output file)."""
+    import pyarrow.parquet as pq
+
+    _, files = plan_shards(spec, "urls")
+    out: list[UrlShard] = []
+    for f in files:
+        try:
+            with fsutil.open_file(f.url) as fh:
+                pf = pq.ParquetFile(fh)
+                n, names = pf.metadata.num_rows, pf.schema_arrow.names
+        except Exception as e:
+            raise InputError(f"{f.url}: not a readable parquet file: {type(e).__name__}: {e}") from e
+        if "url" not in metadata_column_map(names):
+            raise InputError(f"{f.url}: missing column 'URL' (any letter case), needed by --mode urls; the file "
+                             f"has: {', '.join(names)}")
+        if n <= per_shard:
+            out.append(UrlShard(f.name, f.url, 0, n))
+        else:
+            for k, start in enumerate(range(0, n, per_shard)):
+                out.append(UrlShard(f"{f.name}_{k:05d}", f.url, start, min(n, start + per_shard)))
+    names = [s.name for s in out]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise InputError(f"two input shards would write the same outputs {dup[0]!r}; rename one of the files "
+                         "or curate them into different OUTPUT folders")
+    return out
+
+
+def sample_key(shard: UrlShard, i: int, per_shard: int) -> str:
+    """img2dataset-style key: shard name + zero-padded position (unique across the run)."""
+    width = max(4, len(str(max(per_shard, shard.stop - shard.start) - 1)))
+    return f"{shard.name}_{i:0{width}d}"

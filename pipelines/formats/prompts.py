@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 
 import pyarrow as pa
 
+from shardsmith.errors import InputError
 from shardsmith.pipelines.core import fs as fsutil
 
 PROMPT_COLUMNS = ("key", "prompt", "negative_prompt", "seed", "num_inference_steps", "guidance_scale", "width",
@@ -31,7 +32,7 @@ SEED_LIMIT = 2**63
 _KEY_OK = re.compile(r"^[A-Za-z0-9_\-/]+$")
 
 
-class PromptError(ValueError):
+class PromptError(InputError):
     """A prompt table that cannot be read at all (the message names the file)."""
 
 
@@ -171,3 +172,22 @@ def plan_tasks(table: pa.Table, d: Defaults) -> list[ImageTask]:
 
 def shard_tasks(tasks: list[ImageTask], shard_size: int) -> dict[str, list[ImageTask]]:
     return {f"{i // shard_size:05d}": tasks[i:i + shard_size] for i in range(0, len(tasks), shard_size)}
+
+
+def captions_table(url: str, limit: int = 0) -> pa.Table:
+    """Prompts from a (curated) webdataset: one row per sample with a caption; keys link back."""
+    from shardsmith.pipelines.formats.inputs import plan_shards
+    from shardsmith.pipelines.formats.tar import iter_tar_samples
+
+    _, shards = plan_shards(url, "images")
+    rows = []
+    for s in shards:
+        if limit and len(rows) >= limit:
+            break
+        for sample in iter_tar_samples(s.url):
+            if limit and len(rows) >= limit:
+                break
+            cap = sample.caption()
+            rows.append({"key": sample.key, "prompt": cap, "source_key": sample.key, "source_shard": s.name})
+    return pa.Table.from_pylist(rows, schema=pa.schema([("key", pa.string()), ("prompt", pa.string()),
+                                                        ("source_key", pa.string()), ("source_shard", pa.string())]))

@@ -1,19 +1,24 @@
-"""Readers for the inputs: img2dataset-style webdataset tars and LAION metadata parquet.
+"""Webdataset tars: the reader every job uses, and the one tar writer.
 
 A tar is read as a stream (nothing is seeked, so http:// and s3:// stream too) and its members are
 grouped into samples the webdataset way: ``dir/KEY.ext`` -> key ``dir/KEY``, extension everything
-after the first dot of the file name, lower-cased. Keys are data, never used as file paths.
+after the first dot of the file name, lower-cased. Keys are data, never used as file paths. The
+reader turns what a lenient reader would skip into error samples (a duplicate key, a sample with
+no image, a truncated tar), so that every sample is accounted for.
+
+``TarWriter`` writes every tar shardsmith makes (curated, generated, downloaded, sample data) with
+one header convention: PAX format, mode 0644, mtime 0, uid/gid 0 and no user names, so that the
+same samples give the same bytes. ``copy`` keeps a source member's header and bytes untouched (the
+curated copy of a sample is the input's sample).
 """
 
 from __future__ import annotations
 
+import io
 import re
 import tarfile
 from dataclasses import dataclass, field
-from typing import Iterator
-
-import pyarrow as pa
-import pyarrow.parquet as pq
+from typing import IO, Iterator
 
 from shardsmith.pipelines.core import fs as fsutil
 
@@ -115,51 +120,42 @@ def iter_tar_samples(url: str) -> Iterator[Sample]:
         yield finish(current)
 
 
-def read_index_parquet(url: str) -> pa.Table | None:
-    """The img2dataset parquet index beside a tar, if there is one."""
-    if not fsutil.exists(url):
-        return None
-    with fsutil.open_file(url, "rb") as f:
-        return pq.read_table(f, use_threads=False)
+MTIME = 0  # every written member's time: the same samples give the same bytes
+MODE = 0o644
 
 
-# LAION metadata: canonical column -> accepted spellings (compared case-insensitively).
-LAION_COLUMNS = {
-    "url": ("url",),
-    "caption": ("text", "caption"),
-    "original_width": ("width", "original_width"),
-    "original_height": ("height", "original_height"),
-    "similarity": ("similarity",),
-    "punsafe": ("punsafe",),
-    "pwatermark": ("pwatermark",),
-    "aesthetic": ("aesthetic_score", "aesthetic"),
-    "key": ("sample_id", "key"),
-    "license": ("license",),
-    "nsfw": ("nsfw",),
-    "hash": ("hash",),
-}
+class TarWriter:
+    """A webdataset tar written as a stream to ``fileobj`` (e.g. ``ShardCommit.open``)."""
 
+    def __init__(self, fileobj: IO):
+        self._tar = tarfile.open(fileobj=fileobj, mode="w|", format=tarfile.PAX_FORMAT)
 
-def metadata_column_map(names: list[str]) -> dict[str, str]:
-    """canonical name -> the file's own column name, for the LAION columns the file has."""
-    lower = {}
-    for n in names:
-        lower.setdefault(n.lower(), n)
-    out = {}
-    for canon, spellings in LAION_COLUMNS.items():
-        for s in spellings:
-            if s in lower:
-                out[canon] = lower[s]
-                break
-    return out
+    def add(self, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = len(data), MTIME, MODE
+        self._tar.addfile(info, io.BytesIO(data))
 
+    def add_sample(self, key: str, members: dict[str, bytes]) -> None:
+        """``KEY.ext`` for each (extension, bytes), in the order given."""
+        for ext, data in members.items():
+            self.add(f"{key}.{ext}", data)
 
-def metadata_schema(url: str) -> pa.Schema:
-    with fsutil.open_file(url, "rb") as f:
-        return pq.ParquetFile(f).schema_arrow
+    def copy(self, info: tarfile.TarInfo, data: bytes) -> None:
+        """A member of another tar, its header (name, time, mode, owner) and bytes kept."""
+        new = tarfile.TarInfo(info.name)
+        new.size, new.mtime, new.mode = len(data), info.mtime, info.mode
+        new.uid, new.gid, new.uname, new.gname = info.uid, info.gid, info.uname, info.gname
+        self._tar.addfile(new, io.BytesIO(data))
 
+    def copy_sample(self, sample: Sample) -> None:
+        for info in sample.infos:
+            self.copy(info, sample.members[split_member_name(info.name)[1]])
 
-def iter_metadata_batches(url: str, batch_rows: int = 65536) -> Iterator[pa.RecordBatch]:
-    with fsutil.open_file(url, "rb") as f:
-        pf = pq.ParquetFile(f)
-        yield from pf.iter_batches(batch_size=batch_rows)
+    def close(self) -> None:
+        self._tar.close()
+
+    def __enter__(self) -> "TarWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,73 @@
+"""``generate`` and ``augment``: what a run is asked to do, validated before any work."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+from shardsmith.errors import ConfigError
+from shardsmith.pipelines.formats.prompts import Defaults
+
+
+@dataclass
+class GenerateConfig:
+    output: str = ""
+    model: str = ""
+    prompts: str | None = None  # prompt table URL (generate)
+    from_captions: str | None = None  # webdataset shards whose captions become prompts (generate)
+    input: str | None = None  # webdataset shards to augment (augment)
+    revision: str | None = None
+    scheduler: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    batch_size: int = 4  # images per actor call, grouped per identical parameter set
+    shard_size: int = 100  # images per output shard (generate)
+    limit: int = 0  # generate: first N prompt rows; augment: first N samples per shard (0 = all)
+    num_actors: int = 0
+    actor_cpus: float = 0.0
+    threads: int = 0  # torch threads per actor on CPU; 0 = torch's default in a plain process here
+    watermark: bool = True
+    defaults: Defaults = field(default_factory=Defaults)
+    # augment
+    strength: float = 0.5
+    variants: int = 1
+    prompt_template: str = "{caption}"
+    caption_dropout: float = 0.0
+    size: tuple[int, int] | None = None  # fixed output size (w, h)
+    max_side: int = 512  # without size/buckets: long side scaled to this, sides multiples of 8
+    buckets: bool = False  # SDXL-style aspect-ratio buckets of bucket_area pixels
+    bucket_area: int = 1024 * 1024
+    address: str | None = None
+    overwrite: bool = False
+    progress: bool = True
+
+    def fingerprint(self, tool: str) -> dict:
+        keep = ("model", "revision", "scheduler", "dtype", "watermark", "prompts", "from_captions", "input", "limit",
+                "shard_size", "strength", "variants", "prompt_template", "caption_dropout", "size", "max_side",
+                "buckets", "bucket_area")
+        d = {k: getattr(self, k) for k in keep}
+        d["defaults"] = asdict(self.defaults)
+        d["tool"] = tool
+        if tool == "augment":
+            d.pop("shard_size")
+        return json.loads(json.dumps(d))
+
+    def validate(self, tool: str) -> None:
+        if not self.output:
+            raise ConfigError("output: an output path or URL is required")
+        if not self.model:
+            raise ConfigError("model: a diffusers pipeline (local dir, hub id or fsspec URL) is required")
+        if self.batch_size < 1 or self.shard_size < 1:
+            raise ConfigError("batch_size and shard_size: must be >= 1")
+        if tool == "augment":
+            if not 0 < self.strength <= 1:
+                raise ConfigError(f"strength: {self.strength} must be in (0, 1]")
+            if not 1 <= self.variants <= 64:
+                raise ConfigError(f"variants: {self.variants} must be in 1..64")
+            if not 0 <= self.caption_dropout <= 1:
+                raise ConfigError(f"caption_dropout: {self.caption_dropout} must be in [0, 1]")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("overwrite", None)
+        return json.loads(json.dumps(d))
