@@ -17,16 +17,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from shardsmith.filters.rules import SCORE_FIELDS, Rule, RuleError, field_values
+from shardsmith.errors import ShardsmithError
+from shardsmith.filters.rules import Rule, RuleError, field_values
+from shardsmith.filters.scores import BUILTIN, ScoreSet
 from shardsmith.pipelines.core import fs as fsutil
 
 STATUS_CODES = {"kept": 0, "dropped": 1, "error": 2}
 NUMERIC_OPS = (">=", ">", "<=", "<")
-SCORE_LABELS = {
-    "aesthetic": "aesthetic score",
-    "pwatermark": "watermark probability",
-    "punsafe": "NSFW probability",
-    "similarity": "image-caption similarity",
+FIELD_LABELS = {  # the fields that are not scores (the scores' labels are in their registry entries)
     "min_side": "min side (px)",
     "max_side": "max side (px)",
     "aspect_ratio": "aspect ratio (long / short side)",
@@ -34,11 +32,16 @@ SCORE_LABELS = {
     "original_width": "original width (px)",
     "original_height": "original height (px)",
 }
-ROW_COLUMNS = ["key", "row", "status", "reason", "error", *SCORE_FIELDS, "original_width", "original_height",
-               "caption", "url"]
+SCORE_LABELS = {**{s.name: s.label for s in BUILTIN.values()}, **FIELD_LABELS}
+STRING_COLUMNS = ("key", "status", "reason", "error", "caption", "url")
 
 
-class ReportError(RuntimeError):
+def row_columns(scores: list[str]) -> list[str]:
+    """The columns of a scores parquet row the report reads."""
+    return ["key", "row", "status", "reason", "error", *scores, "original_width", "original_height", "caption", "url"]
+
+
+class ReportError(ShardsmithError, RuntimeError):
     """The folder is not a finished shardsmith run (or cannot be read); the message says why."""
 
 
@@ -55,6 +58,14 @@ class Run:
     @property
     def is_curate(self) -> bool:
         return self.tool == "shardsmith curate"
+
+    @property
+    def scores(self) -> ScoreSet:
+        """The run's score columns, as its manifest records them (runs before the registry: the built-ins)."""
+        return ScoreSet.from_manifest(self.manifest)
+
+    def label(self, field: str) -> str:
+        return self.scores.label(field) if field in self.scores else FIELD_LABELS.get(field, field)
 
     @property
     def mode(self) -> str:
@@ -205,25 +216,25 @@ def scores_files(output: str) -> list[tuple[str, str]]:
             for url in fsutil.list_files(d, (".parquet",))]
 
 
-def _read_scores(url: str) -> pa.Table:
+def _read_scores(url: str, columns: list[str]) -> pa.Table:
     with fsutil.open_file(url, "rb") as f:
         # use_threads=False: pyarrow 26 reading a Python file object with its thread pool makes
         # ~1 in 10 processes abort at exit ("terminate called without an active exception")
         t = pq.read_table(f, use_threads=False)
-    for name in ROW_COLUMNS:  # older or partial files: the missing columns are null
+    for name in columns:  # older or partial files: the missing columns are null
         if name not in t.column_names:
-            t = t.append_column(name, pa.nulls(t.num_rows, pa.string() if name in
-                                               ("key", "status", "reason", "error", "caption", "url") else pa.float64()))
+            t = t.append_column(name, pa.nulls(t.num_rows, pa.string() if name in STRING_COLUMNS else pa.float64()))
     return t
 
 
 def _present_fields(run: Run, rules: list[Rule]) -> list[str]:
+    names = run.scores.names
     computed = run.stats.get("scores_computed")
     if run.mode == "images" and computed is not None:
-        scores = [f for f in SCORE_FIELDS if f in computed]
+        scores = [f for f in names if f in computed]
     else:
-        scores = list(SCORE_FIELDS)  # metadata mode: whatever columns the input had; checked below
-    extra = [r.field for r in rules if r.field not in SCORE_FIELDS]
+        scores = list(names)  # metadata mode: whatever columns the input had; checked below
+    extra = [r.field for r in rules if r.field not in names]
     return list(dict.fromkeys(scores + extra))
 
 
@@ -234,15 +245,16 @@ def scan_scores(run: Run, per_grid: int = 16) -> Scan:
     status_parts: list[np.ndarray] = []
     candidates: list[pa.Table] = []
     grids = sample_grids(rules, set(fields))
+    columns = row_columns(run.scores.names)
     for shard, url in scores_files(run.output):
-        t = _read_scores(url)
+        t = _read_scores(url, columns)
         values = {f: field_values(t, f).astype(np.float64) for f in fields}
         for f in fields:
             parts[f].append(values[f])
         status_parts.append(np.array([STATUS_CODES.get(s, 2) for s in t.column("status").to_pylist()], np.int8))
         picked = sorted({i for g in grids for i in g.pick(t, values, per_grid)})
         if picked:
-            sub = t.select(ROW_COLUMNS).take(pa.array(picked, pa.int64()))
+            sub = t.select(columns).take(pa.array(picked, pa.int64()))
             candidates.append(sub.append_column("shard", pa.array([shard] * len(picked), pa.string())))
     values = {f: np.concatenate(parts[f]) if parts[f] else np.zeros(0) for f in fields}
     # a field with no value at all (a head not computed, a metadata column absent) is not shown

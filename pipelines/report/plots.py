@@ -53,9 +53,9 @@ def funnel(stats: dict) -> bytes:
     return _png(fig)
 
 
-def _range(field: str, finite: np.ndarray, rules: list[Rule]) -> tuple[float, float]:
+def _range(field: str, finite: np.ndarray, rules: list[Rule], probability: bool = False) -> tuple[float, float]:
     lo, hi = float(finite.min()), float(finite.max())
-    if field in ("pwatermark", "punsafe"):
+    if probability:
         lo, hi = 0.0, 1.0
     elif field in TAILED and len(finite) > 20:
         hi = float(np.percentile(finite, 99.5))
@@ -77,12 +77,13 @@ def _bins(lo: float, hi: float, rules: list[Rule], n: int = 50) -> np.ndarray:
     return t + width * np.arange(first, last + 1)
 
 
-def histogram(field: str, label: str, values: np.ndarray, status: np.ndarray, rules: list[Rule]) -> bytes:
+def histogram(field: str, label: str, values: np.ndarray, status: np.ndarray, rules: list[Rule],
+              probability: bool = False) -> bytes:
     """One score's distribution, stacked by outcome, with each rule's threshold drawn on it and the
-    failing side shaded."""
+    failing side shaded; a probability is plotted on [0, 1]."""
     ok = np.isfinite(values)
     finite = values[ok]
-    lo, hi = _range(field, finite, rules)
+    lo, hi = _range(field, finite, rules, probability)
     bins = _bins(lo, hi, rules)
     clipped = np.clip(values, lo, hi)
     stacks, names, colors = [], [], []

@@ -24,12 +24,21 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from shardsmith.filters.rules import SCORE_FIELDS, field_values
+import shardsmith.pipelines.report.plots as plots
+from shardsmith.filters.rules import field_values
+from shardsmith.filters.scores import ScoreSet
 from shardsmith.pipelines.core import fs as fsutil
-from shardsmith.pipelines.report import plots as plots
 from shardsmith.pipelines.formats.tar import iter_tar_samples
-from shardsmith.pipelines.report.data import (SCORE_LABELS, ReportError, Run, Scan, comparison_rules, load_run,
-                                   rule_passes, scan_scores, subsample)
+from shardsmith.pipelines.report.data import (
+    ReportError,
+    Run,
+    Scan,
+    comparison_rules,
+    load_run,
+    rule_passes,
+    scan_scores,
+    subsample,
+)
 from shardsmith.pipelines.report.html import attrs, data_uri, esc, page, plot_img, section, stat_num, table, tile
 from shardsmith.pipelines.report.samples import FoundImage, Wanted, fetch_images
 
@@ -38,7 +47,6 @@ PER_GRID = 16
 SCATTER_POINTS = 20_000
 MAX_SHARD_ROWS = 2_000  # per-shard table rows shown on the page (all are in stats.json)
 GENERATED_TOOLS = ("shardsmith generate", "shardsmith augment")
-SHORT = {"aesthetic": "aes", "pwatermark": "wm", "punsafe": "nsfw", "similarity": "sim"}
 
 __all__ = ["build_report", "report_after_run", "ReportError", "thumbnail"]
 
@@ -183,15 +191,17 @@ def _distributions(run: Run, scan: Scan, figs: dict) -> str:
     imgs = []
     for f in scan.fields:
         name = f"hist_{f}.png"
-        label = SCORE_LABELS.get(f, f)
-        figs[name] = plots.histogram(f, label, scan.values[f], scan.status, [r for r in rules if r.field == f])
+        label = run.label(f)
+        probability = f in run.scores and run.scores[f].probability
+        figs[name] = plots.histogram(f, label, scan.values[f], scan.status, [r for r in rules if r.field == f],
+                                     probability)
         imgs.append(plot_img(figs[name], f"histogram of {label}"))
     if "aesthetic" in scan.fields and "pwatermark" in scan.fields:
         x, y = scan.values["aesthetic"], scan.values["pwatermark"]
         both = int((np.isfinite(x) & np.isfinite(y)).sum())
         idx = subsample(len(x), SCATTER_POINTS)
         figs["scatter_aesthetic_pwatermark.png"] = plots.scatter(
-            x[idx], y[idx], scan.status[idx], SCORE_LABELS["aesthetic"], SCORE_LABELS["pwatermark"],
+            x[idx], y[idx], scan.status[idx], run.label("aesthetic"), run.label("pwatermark"),
             [r for r in rules if r.field == "aesthetic"], [r for r in rules if r.field == "pwatermark"], both)
         imgs.append(plot_img(figs["scatter_aesthetic_pwatermark.png"], "aesthetic vs watermark probability"))
     body = f'<div class="plots">{"".join(imgs)}</div><h3>Quantiles</h3>' + _quantiles_table(scan, rules)
@@ -205,24 +215,25 @@ def _badge(row: dict) -> str:
     return f"{row['status']}: {row.get('reason') or ''}"
 
 
-def _row_value(row: dict, field: str) -> float:
+def _row_value(row: dict, field: str, scores: ScoreSet) -> float:
     """A row's value of a score or derived field (min_side, aspect_ratio, ...), NaN when missing."""
-    cols = ("original_width", "original_height", "caption", *SCORE_FIELDS)
+    names = scores.names
+    cols = ("original_width", "original_height", "caption", *names)
     t = pa.Table.from_pylist([{k: row.get(k) for k in cols}],
                              schema=pa.schema([("original_width", pa.float64()), ("original_height", pa.float64()),
-                                               ("caption", pa.string())] + [(f, pa.float64()) for f in SCORE_FIELDS]))
+                                               ("caption", pa.string())] + [(f, pa.float64()) for f in names]))
     return float(field_values(t, field)[0])
 
 
-def _score_lines(row: dict, first: str | None = None) -> list[str]:
+def _score_lines(row: dict, scores: ScoreSet, first: str | None = None) -> list[str]:
     """Short ``name value`` texts for a tile; the grid's own field first."""
     lines = []
-    if first and first not in SCORE_FIELDS:
-        v = _row_value(row, first)
+    if first and first not in scores:
+        v = _row_value(row, first, scores)
         if np.isfinite(v):
             lines.append(f"{first} {v:.4g}")
-    fields = sorted(SCORE_FIELDS, key=lambda f: f != first)
-    lines += [f"{SHORT[f]} {row[f]:.3f}" for f in fields if row.get(f) is not None]
+    fields = sorted(scores.names, key=lambda f: f != first)
+    lines += [f"{scores[f].short} {row[f]:.3f}" for f in fields if row.get(f) is not None]
     if row.get("original_width") and row.get("original_height"):
         lines.append(f"{row['original_width']}×{row['original_height']}")
     return lines
@@ -233,16 +244,16 @@ def _cut_marker(rule) -> str:
             f'<span>threshold {esc(f"{rule.value:g}")}</span></div>')
 
 
-def _image_tiles(rows: list[dict], grid, found: dict, max_pixels: int, exif: bool) -> str:
+def _image_tiles(rows: list[dict], grid, found: dict, max_pixels: int, exif: bool, scores: ScoreSet) -> str:
     tiles, side = [], None
     for r in rows:
         if grid.rule is not None:
-            passes = bool(rule_passes(grid.rule, np.array([_row_value(r, grid.rule.field)]))[0])
+            passes = bool(rule_passes(grid.rule, np.array([_row_value(r, grid.rule.field, scores)]))[0])
             if side is False and passes:
                 tiles.append(_cut_marker(grid.rule))
             side = passes
         uri, size, problem = _thumb_or_problem(found.get((r["shard"], r["row"])), max_pixels, exif)
-        lines = _score_lines(r, grid.field) + [f"shard {r['shard']}", f"row {r['row']}"]
+        lines = _score_lines(r, scores, grid.field) + [f"shard {r['shard']}", f"row {r['row']}"]
         error = f"error: {esc(r['error'])}" if r["status"] == "error" and r.get("error") else None
         tiles.append(tile(r["status"], _badge(r), r["key"], r.get("caption"), lines, uri, size, problem, error))
     return f'<div class="grid"{attrs(data_grid=grid.name)}>{"".join(tiles)}</div>'
@@ -266,13 +277,13 @@ def _samples(run: Run, scan: Scan, per_grid: int) -> str:
         if not rows:
             parts.append(head + '<p class="note">no such rows in this run</p>')
         elif images_mode:
-            parts.append(head + _image_tiles(rows, g, found, max_pixels, exif))
+            parts.append(head + _image_tiles(rows, g, found, max_pixels, exif, run.scores))
         else:
             trs = [[f'<span class="key">{esc(r["shard"])}</span>', esc(r["key"]), esc(_badge(r)),
-                    esc(" · ".join(_score_lines(r, g.field))), esc(r.get("caption") or ""),
+                    esc(" · ".join(_score_lines(r, run.scores, g.field))), esc(r.get("caption") or ""),
                     f'<span class="key">{esc(r.get("url") or "")}</span>'] for r in rows]
             parts.append(head + table(["shard", "key", "status", "scores", "caption", "url"], trs))
-    legend = "aes = aesthetic, wm = pwatermark, nsfw = punsafe, sim = image-caption similarity"
+    legend = ", ".join(f"{s.short} = {s.name if s.name != 'similarity' else s.label}" for s in run.scores)
     note = (f"each tile: outcome, key, caption, scores ({legend}), original size; kept images come from "
             "curated/, the others from the input shards") if images_mode else \
         f"metadata-only run: rows, no images ({legend})"

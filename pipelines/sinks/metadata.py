@@ -9,48 +9,18 @@ from __future__ import annotations
 
 from collections import Counter
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from shardsmith.filters.rules import KEPT, RuleSet
 from shardsmith.pipelines.core import fs as fsutil
-from shardsmith.pipelines.core.ledger import Ledger, OutputLayout, shard_stats_from_counts
-from shardsmith.pipelines.formats.tar import iter_metadata_batches, metadata_column_map
+from shardsmith.pipelines.core.commit import ShardCommit
+from shardsmith.pipelines.core.ledger import shard_stats_from_counts
 from shardsmith.pipelines.formats.inputs import InputShard
-from shardsmith.pipelines.sinks.curated import SCORES_SCHEMA
+from shardsmith.pipelines.formats.laion import canonical_batch, iter_metadata_batches, metadata_column_map
+from shardsmith.pipelines.formats.scores import SCORES_SCHEMA
 
 BATCH_ROWS = 262_144
-
-
-def _cast_or_null(col: pa.Array, typ: pa.DataType) -> pa.Array:
-    """Cast a column to the scores schema type; a column that cannot be read as such is null
-    (a rule that needs it then reports each row as an error; planning already rejected rule
-    columns of the wrong type)."""
-    try:
-        return pc.cast(col, typ)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        try:
-            return pc.cast(col, typ, safe=False)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-            return pa.nulls(len(col), typ)
-
-
-def canonical_batch(batch: pa.RecordBatch, cmap: dict[str, str], first_row: int) -> pa.Table:
-    """The LAION columns under shardsmith's names (scores schema), whatever their letter case."""
-    n = batch.num_rows
-    cols = {}
-    for name, typ in zip(SCORES_SCHEMA.names, SCORES_SCHEMA.types):
-        if name in cmap:
-            cols[name] = _cast_or_null(batch.column(cmap[name]), typ)
-        else:
-            cols[name] = pa.nulls(n, typ)
-    rows = pa.array(np.arange(first_row, first_row + n, dtype=np.int64))
-    cols["row"] = rows
-    if "key" not in cmap:
-        cols["key"] = pc.cast(rows, pa.string())
-    return pa.table(cols)
 
 
 # Dictionary encoding pays for repeated values (status, reason, a licence column) and costs a hash
@@ -77,18 +47,15 @@ def outcome_counts(status: pa.Array, reason: pa.Array) -> Counter:
 
 
 def filter_metadata_shard(shard: InputShard, rules: RuleSet, out_root: str, extra: dict | None = None) -> dict:
-    layout = OutputLayout(out_root)
-    tmp = layout.tmp_dir
+    commit = ShardCommit(out_root, shard.name)
     counts: Counter = Counter()
     first = 0
-    scores_url = layout.path("scores", f"{shard.name}.parquet")
-    curated_url = layout.path("curated", f"{shard.name}.parquet")
-    with fsutil.atomic_write(scores_url, tmp_dir=tmp) as fs_scores, \
-            fsutil.atomic_write(curated_url, tmp_dir=tmp) as fs_curated:
+    with commit.open(f"scores/{shard.name}.parquet") as fs_scores, \
+            commit.open(f"curated/{shard.name}.parquet") as fs_curated:
         w_scores = w_curated = None
         for batch in iter_metadata_batches(shard.url, BATCH_ROWS):
             cmap = metadata_column_map(batch.schema.names)
-            table = canonical_batch(batch, cmap, first)
+            table = canonical_batch(batch, cmap, first, SCORES_SCHEMA)
             decision = rules.apply(table)
             status, reason, error = decision.arrow()
             table = table.set_column(table.column_names.index("status"), "status", status)
@@ -111,8 +78,4 @@ def filter_metadata_shard(shard: InputShard, rules: RuleSet, out_root: str, extr
             w_curated = pq.ParquetWriter(fs_curated, schema, compression="zstd")
         w_scores.close()
         w_curated.close()
-    stats = shard_stats_from_counts(counts)
-    entry = {**stats, "input": shard.url, "outputs": [f"scores/{shard.name}.parquet", f"curated/{shard.name}.parquet"],
-             **(extra or {})}
-    Ledger(layout).commit(shard.name, entry)
-    return entry
+    return commit.commit(shard_stats_from_counts(counts), input=shard.url, **(extra or {}))

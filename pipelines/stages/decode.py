@@ -1,7 +1,9 @@
-"""Image bytes -> model pixels, with every failure turned into a specific error kind.
+"""The decode stage (CPU tasks): image bytes -> model pixels, every failure a specific error kind.
 
-Runs in CPU tasks next to the reader; decoded full-size images never leave this function, only
-the model-sized uint8 pixels do.
+Reads SAMPLE columns, writes DECODED ones (``stages/batch.py``): ``image`` is replaced by
+``pixels`` (the PIL half of the model's preprocess), ``original_width/height`` and ``generated``.
+Runs next to the reader; decoded full-size images never leave ``decode``, only the model-sized
+uint8 pixels do.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from shardsmith.pipelines.stages.batch import SENTINEL, text, text_columns
 
 # EXIF orientations 5-8 swap width and height when displayed.
 _SWAPPING_ORIENTATIONS = {5, 6, 7, 8}
@@ -91,3 +95,32 @@ def decode(data: bytes, pixel_transform, max_pixels: int = DEFAULT_MAX_PIXELS,
     if orientation in _SWAPPING_ORIENTATIONS:
         w, h = h, w
     return Decoded(pixels=pixels, width=w, height=h, generated=generated)
+
+
+def decode_batch(batch: dict, pixel_transform, image_size: tuple[int, int], max_pixels: int,
+                 exif_transpose: bool, detect_generated: bool = False, fast: bool = False) -> dict:
+    """Ray Data UDF (CPU tasks): image bytes -> model-size uint8 pixels + original size.
+    ``fast``: reduced-size JPEG decoding (``--fast-decode``, see decode)."""
+    draft_size = image_size[::-1] if fast else None  # PIL sizes are (width, height)
+    n = len(batch["row"])
+    pixels = np.zeros((n, *image_size, 3), dtype=np.uint8)
+    width = np.full(n, -1, dtype=np.int64)
+    height = np.full(n, -1, dtype=np.int64)
+    generated = np.full(n, -1, dtype=np.int8)  # -1 = not known
+    kinds = list(batch["error_kind"])
+    errors = list(batch["error"])
+    for i in range(n):
+        if batch["row"][i] == SENTINEL or text(kinds[i]) is not None:
+            continue
+        try:
+            d = decode(batch["image"][i], pixel_transform, max_pixels, exif_transpose, detect_generated, draft_size)
+        except DecodeError as e:
+            kinds[i], errors[i] = e.kind, e.message
+            continue
+        pixels[i], width[i], height[i] = d.pixels, d.width, d.height
+        if d.generated is not None:
+            generated[i] = int(d.generated)
+    out = {k: v for k, v in batch.items() if k != "image"}
+    out.update(pixels=pixels, original_width=width, original_height=height, generated=generated,
+               error_kind=np.array(kinds, dtype=object), error=np.array(errors, dtype=object))
+    return text_columns(out)

@@ -1,5 +1,9 @@
-"""The download step of ``curate --mode urls`` (and of ``shardsmith download``): LAION metadata
+"""The download stage of ``curate --mode urls`` (and of ``shardsmith download``): LAION metadata
 rows -> an img2dataset-layout shard, every row with its fate.
+
+Reads one row per URL shard (``shard``); in curate it is the read stage and writes SAMPLE columns
+(``stages/batch.py``) by streaming the downloaded tar. Resources: a fraction of a CPU per task
+(the work is waiting on the network), ``fetch_threads`` threads in it.
 
 Per shard (a LAION parquet file, or a slice of ``urls_per_shard`` rows of a large one):
 
@@ -7,7 +11,7 @@ Per shard (a LAION parquet file, or a slice of ``urls_per_shard`` rows of a larg
    (``similarity``, ``punsafe``, ``pwatermark``, ``aesthetic`` from LAION's columns, ``min_side``
    from WIDTH/HEIGHT, ``has caption`` ...): a row they reject is never fetched (``skipped``, with
    the rule). A row whose metadata value is missing is fetched, and judged on the image;
-2. the other rows are fetched by a thread pool (``pipelines.fetch``), in a bounded window so that
+2. the other rows are fetched by a thread pool (``formats/fetch.py``), in a bounded window so that
    memory holds a few dozen images, not a shard; optional resize at download time;
 3. ``DEST/NAME.tar`` (``KEY.jpg|png|webp`` + ``KEY.txt`` + ``KEY.json``) and ``DEST/NAME.parquet``
    (every row: img2dataset's columns + ``reason, http_status, attempts, source_row``) are written
@@ -16,7 +20,7 @@ Per shard (a LAION parquet file, or a slice of ``urls_per_shard`` rows of a larg
 
 In curate, the images pipeline then reads ``DEST/NAME.tar`` like any webdataset shard (same read,
 decode, score, writer), and the writer merges the parquet's rows without a sample as dropped or
-error rows (``pipelines.img2dataset``), so every input row lands in ``scores/NAME.parquet`` once.
+error rows (``formats/img2dataset.py``), so every input row lands in ``scores/NAME.parquet`` once.
 
 Rerunning reuses a complete download (resume); with ``retry_kinds`` (``--retry-failed``) it
 re-fetches only the rows that failed with those kinds, keeps everything else as it was, and
@@ -28,7 +32,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import tarfile
 import time
 import warnings
 from collections import Counter, deque
@@ -45,29 +48,15 @@ from shardsmith.filters.rules import RuleSet, field_values
 from shardsmith.pipelines.core import fs as fsutil
 from shardsmith.pipelines.formats.fetch import Fetcher, FetchOptions, FetchResult
 from shardsmith.pipelines.formats.img2dataset import INDEX_SCHEMA, META_KEY
-from shardsmith.pipelines.formats.tar import iter_tar_samples, metadata_column_map
-from shardsmith.pipelines.formats.inputs import InputError, InputShard, plan_shards
+from shardsmith.pipelines.formats.inputs import InputShard, UrlShard, sample_key
+from shardsmith.pipelines.formats.laion import canonical_batch, metadata_column_map
+from shardsmith.pipelines.formats.scores import SCORES_SCHEMA
+from shardsmith.pipelines.formats.tar import TarWriter, iter_tar_samples
 
 DOWNLOADED_DIR = "downloaded"
-MTIME = 1_700_000_000  # fixed tar member time: the same rows give the same bytes
-# Pillow format -> the extension stored (readers.IMAGE_EXTS); others are re-encoded as PNG.
+# Pillow format -> the extension stored (formats/tar.py IMAGE_EXTS); others are re-encoded as PNG.
 FORMAT_EXT = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif"}
 _SWAPPING_ORIENTATIONS = {5, 6, 7, 8}
-
-
-@dataclass(frozen=True)
-class UrlShard:
-    """Rows ``start:stop`` of a LAION metadata parquet file: the unit of download and commit."""
-
-    name: str
-    url: str
-    start: int
-    stop: int
-    kind: str = "urls"
-    index_url: str | None = None  # no index before the download (read by progress estimates)
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "url": self.url, "kind": self.kind, "rows": [self.start, self.stop]}
 
 
 @dataclass(frozen=True)
@@ -77,40 +66,16 @@ class DownloadOptions:
     resize_max_side: int = 0  # 0: store the bytes as downloaded
     retry_kinds: tuple[str, ...] = ()  # non-empty: re-fetch an existing download's failures of these kinds
 
-
-def plan_url_shards(spec: str, per_shard: int) -> list[UrlShard]:
-    """The metadata files of INPUT, cut into shards of at most ``per_shard`` rows. A file that
-    fits is one shard named after the file (``part-00000``); a larger one gives ``part-00000_00000``,
-    ``part-00000_00001`` ... (the name is part of every key and output file)."""
-    _, files = plan_shards(spec, "urls")
-    out: list[UrlShard] = []
-    for f in files:
-        try:
-            with fsutil.open_file(f.url) as fh:
-                pf = pq.ParquetFile(fh)
-                n, names = pf.metadata.num_rows, pf.schema_arrow.names
-        except Exception as e:
-            raise InputError(f"{f.url}: not a readable parquet file: {type(e).__name__}: {e}") from e
-        if "url" not in metadata_column_map(names):
-            raise InputError(f"{f.url}: missing column 'URL' (any letter case), needed by --mode urls; the file "
-                             f"has: {', '.join(names)}")
-        if n <= per_shard:
-            out.append(UrlShard(f.name, f.url, 0, n))
-        else:
-            for k, start in enumerate(range(0, n, per_shard)):
-                out.append(UrlShard(f"{f.name}_{k:05d}", f.url, start, min(n, start + per_shard)))
-    names = [s.name for s in out]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise InputError(f"two input shards would write the same outputs {dup[0]!r}; rename one of the files "
-                         "or curate them into different OUTPUT folders")
-    return out
-
-
-def sample_key(shard: UrlShard, i: int, per_shard: int) -> str:
-    """img2dataset-style key: shard name + zero-padded position (unique across the run)."""
-    width = max(4, len(str(max(per_shard, shard.stop - shard.start) - 1)))
-    return f"{shard.name}_{i:0{width}d}"
+    @classmethod
+    def from_config(cls, cfg) -> "DownloadOptions":
+        """From a CurateConfig (``retry_kinds`` only with ``retry_failed``)."""
+        fetch = FetchOptions(connect_timeout=cfg.fetch_timeout, read_timeout=cfg.fetch_timeout,
+                             deadline=cfg.fetch_deadline, max_bytes=cfg.fetch_max_bytes,
+                             max_redirects=cfg.fetch_max_redirects, retries=cfg.fetch_retries,
+                             user_agent=cfg.user_agent, opt_out_directives=tuple(cfg.opt_out_directives),
+                             max_pixels=cfg.max_image_pixels, pool_size=cfg.fetch_threads)
+        return cls(fetch=fetch, threads=cfg.fetch_threads, resize_max_side=cfg.resize_max_side,
+                   retry_kinds=tuple(cfg.retry_kinds) if cfg.retry_failed else ())
 
 
 def download_paths(dest: str, name: str) -> tuple[str, str]:
@@ -130,8 +95,6 @@ def as_input_shard(dest: str, name: str) -> InputShard:
 def read_metadata_rows(shard: UrlShard) -> tuple[pa.Table, set[str]]:
     """Rows ``start:stop`` under shardsmith's names (scores schema), and the canonical columns the
     file really has (the others are null)."""
-    from shardsmith.pipelines.sinks.metadata import canonical_batch
-
     with fsutil.open_file(shard.url) as f:
         pf = pq.ParquetFile(f)
         cmap = metadata_column_map(pf.schema_arrow.names)
@@ -148,7 +111,7 @@ def read_metadata_rows(shard: UrlShard) -> tuple[pa.Table, set[str]]:
             table = table.slice(shard.start - first, shard.stop - shard.start)
         else:
             table = pf.schema_arrow.empty_table().select(columns)
-    return canonical_batch(table, cmap, shard.start), set(cmap)
+    return canonical_batch(table, cmap, shard.start, SCORES_SCHEMA), set(cmap)
 
 
 def metadata_rules(rules: RuleSet, available: set[str]) -> RuleSet:
@@ -339,8 +302,7 @@ def download_shard(shard: UrlShard, dest: str, tmp_dir: str, rules: RuleSet, opt
     results = fetch_in_order(fetch_items, options)
     previous = iter_tar_samples(tar_url) if earlier is not None else iter(())
     try:
-        with fsutil.atomic_write(tar_url, tmp_dir=tmp_dir) as f, \
-                tarfile.open(fileobj=f, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+        with fsutil.atomic_write(tar_url, tmp_dir=tmp_dir) as f, TarWriter(f) as tar:
             _write_samples(tar, tar_url, records, {i for i, _ in fetch_items}, results, previous)
     finally:
         results.close()  # stops the thread pool if writing failed
@@ -393,14 +355,10 @@ def _apply(rec: dict, item: Fetched) -> None:
         rec.update(status="failed_to_download", error_message=r.message, reason=r.kind)
 
 
-def _add_sample(tar: tarfile.TarFile, rec: dict, ext: str, data: bytes) -> None:
+def _add_sample(tar: TarWriter, rec: dict, ext: str, data: bytes) -> None:
     meta = {k: rec[k] for k in ("key", "url", "caption", "status", "error_message", "width", "height",
                                 "original_width", "original_height", "exif", "sha256", "source_row")}
-    for name, payload in ((f"{rec['key']}.{ext}", data), (f"{rec['key']}.txt", (rec["caption"] or "").encode()),
-                          (f"{rec['key']}.json", json.dumps(meta).encode())):
-        info = tarfile.TarInfo(name)
-        info.size, info.mtime, info.mode = len(payload), MTIME, 0o644
-        tar.addfile(info, io.BytesIO(payload))
+    tar.add_sample(rec["key"], {ext: data, "txt": (rec["caption"] or "").encode(), "json": json.dumps(meta).encode()})
 
 
 def _summary(shard: UrlShard, index: pa.Table, fetched: int, seconds: float, reused: bool) -> dict:
@@ -413,25 +371,14 @@ def _summary(shard: UrlShard, index: pa.Table, fetched: int, seconds: float, reu
 
 
 # ---------------------------------------------------------------------------------------------
-# On Ray: the download step as the read stage of curate, and the standalone download command
+# On Ray: the download step as the read stage of curate
 # ---------------------------------------------------------------------------------------------
-
-def download_options(cfg) -> DownloadOptions:
-    """DownloadOptions from a CurateConfig (``retry_kinds`` only with ``retry_failed``)."""
-    fetch = FetchOptions(connect_timeout=cfg.fetch_timeout, read_timeout=cfg.fetch_timeout,
-                         deadline=cfg.fetch_deadline, max_bytes=cfg.fetch_max_bytes,
-                         max_redirects=cfg.fetch_max_redirects, retries=cfg.fetch_retries,
-                         user_agent=cfg.user_agent, opt_out_directives=tuple(cfg.opt_out_directives),
-                         max_pixels=cfg.max_image_pixels, pool_size=cfg.fetch_threads)
-    return DownloadOptions(fetch=fetch, threads=cfg.fetch_threads, resize_max_side=cfg.resize_max_side,
-                           retry_kinds=tuple(cfg.retry_kinds) if cfg.retry_failed else ())
-
 
 def download_and_read(batch: dict, url_shards: dict, dest: str, tmp_dir: str, rules: RuleSet,
                       options: DownloadOptions, per_shard: int, rows_per_batch: int | None = None) -> Iterator[dict]:
     """Ray Data UDF, curate's read stage in urls mode: download a shard (or reuse its complete
     download), then stream its tar exactly as images mode streams an input tar."""
-    from shardsmith.pipelines.flows.curate import read_shard_rows
+    from shardsmith.pipelines.stages.read import read_shard_rows
 
     for name in batch["shard"]:
         shard = url_shards[str(name)]
@@ -441,112 +388,3 @@ def download_and_read(batch: dict, url_shards: dict, dest: str, tmp_dir: str, ru
         yield from read_shard_rows(rows, rows_per_batch) if rows_per_batch else read_shard_rows(rows)
 
 
-def url_stage(cfg, todo: list[UrlShard], rules: RuleSet, layout) -> dict:
-    """What curate's images dataflow needs to run on URL shards: the download-and-read stage and
-    the downloaded shards its writer copies from (keyword arguments of ``_run_images``)."""
-    from shardsmith.pipelines.flows.curate import read_batch_rows
-
-    dest = layout.path(DOWNLOADED_DIR)
-    return {
-        "read_fn": download_and_read,
-        "read_kwargs": {"url_shards": {s.name: s for s in todo}, "dest": dest, "tmp_dir": layout.tmp_dir,
-                        "rules": rules, "options": download_options(cfg), "per_shard": cfg.urls_per_shard,
-                        "rows_per_batch": read_batch_rows(cfg.batch_size)},
-        "write_shards": {s.name: as_input_shard(dest, s.name) for s in todo},
-    }
-
-
-def shards_to_retry(committed: dict[str, dict], names: list[str], kinds: tuple[str, ...] | list[str],
-                    layout) -> list[str]:
-    """Committed shards whose rows failed with one of ``kinds`` (read from their ledger entries'
-    ``errors_by_kind``); their ledger entries are removed, so that they are redone -- and stay
-    to do if this run is interrupted."""
-    redo = [n for n in names if n in committed
-            and any(committed[n].get("errors_by_kind", {}).get(k) for k in kinds)]
-    for n in redo:
-        fsutil.remove(layout.ledger_entry(n))
-    return redo
-
-
-def download_task(shard: UrlShard, dest: str, tmp_dir: str, rules: RuleSet, options: DownloadOptions,
-                  per_shard: int, out_root: str) -> dict:
-    """Ray task of ``shardsmith download``: download, then commit the shard in the ledger with
-    curate's counters (success -> kept, skipped -> dropped by rule, failed -> error by kind)."""
-    from shardsmith.pipelines.core.ledger import Ledger, OutputLayout, shard_stats
-
-    summary = download_shard(shard, dest, tmp_dir, rules, options, per_shard)
-    tar_url, index_url = download_paths(dest, shard.name)
-    with fsutil.open_file(index_url) as f:
-        index = pq.read_table(f, columns=["status", "reason"], use_threads=False)
-    names = {"success": "kept", "skipped": "dropped", "failed_to_download": "error"}
-    stats = shard_stats([names[s] for s in index.column("status").to_pylist()], index.column("reason").to_pylist())
-    entry = {**stats, "input": shard.url, "rows": [shard.start, shard.stop],
-             "outputs": [f"{shard.name}.tar", f"{shard.name}.parquet"], "download": summary}
-    Ledger(OutputLayout(out_root)).commit(shard.name, entry)
-    return entry
-
-
-def run_download(cfg, log=print) -> dict:
-    """``shardsmith download``: the download step alone, into OUTPUT/NNNNN.tar + .parquet."""
-    import ray
-
-    from shardsmith.pipelines.config.curate import ConfigError
-    from shardsmith.pipelines.core.ledger import Ledger, OutputLayout, RunError, aggregate, start_run, write_json
-    from shardsmith.pipelines.core.progress import Progress, summary
-    from shardsmith.pipelines.core.resources import ray_session
-
-    cfg.mode = "urls"
-    cfg.validate()
-    rules = cfg.ruleset()
-    shards = plan_url_shards(cfg.input, cfg.urls_per_shard)
-    for s in {s.url: s for s in shards}.values():
-        _, available = read_metadata_rows(UrlShard(s.name, s.url, 0, 0))
-        missing = [r.name for r in rules.rules if not r.needs() <= available]
-        if missing:
-            raise ConfigError(f"rule '{missing[0]}' reads a field that {s.url} does not have; download applies "
-                              "metadata rules only (score rules belong to `shardsmith curate --mode urls`)")
-    layout = OutputLayout(cfg.output)
-    fingerprint = {"rules": cfg.all_rules(), "urls_per_shard": cfg.urls_per_shard,
-                   "resize_max_side": cfg.resize_max_side, "opt_out_directives": cfg.opt_out_directives}
-    parts = tuple(f"{s.name}.{ext}" for s in shards for ext in ("tar", "parquet")) + (
-        "_ledger", "_tmp", "manifest.json", "stats.json")
-    config = {k: v for k, v in cfg.__dict__.items() if k != "overwrite"}
-    manifest = start_run(layout, "shardsmith download", fingerprint, config, {}, [s.to_dict() for s in shards],
-                         cfg.overwrite, parts)
-    ledger = Ledger(layout)
-    ledger.clean_tmp()
-    committed = ledger.committed()
-    retry = shards_to_retry(committed, [s.name for s in shards], cfg.retry_kinds, layout) if cfg.retry_failed else []
-    todo = [s for s in shards if s.name not in committed or s.name in retry]
-    log(f"shardsmith download: {len(shards)} shard(s) of URLs in {cfg.input}; {len(shards) - len(todo)} already "
-        f"committed, {len(todo)} to do" + (f" ({len(retry)} to retry: {', '.join(cfg.retry_kinds)})" if retry else ""))
-    t0 = time.time()
-    if todo:
-        options = download_options(cfg)
-        with ray_session(cfg.address):
-            task = ray.remote(num_cpus=0.25, max_retries=2)(download_task)
-            progress = Progress("download", sum(s.stop - s.start for s in todo), len(todo), enabled=cfg.progress)
-            refs = {task.remote(s, cfg.output, layout.tmp_dir, rules, options, cfg.urls_per_shard, cfg.output): s
-                    for s in todo}
-            while refs:
-                ready, _ = ray.wait(list(refs), num_returns=1, timeout=5.0)
-                for ref in ready:
-                    refs.pop(ref)
-                    entry = ray.get(ref)
-                    progress.update(rows=entry["rows_read"], shards=1)
-            progress.update(force=True)
-    entries = ledger.committed()
-    missing = [s.name for s in shards if s.name not in entries]
-    if missing:
-        raise RunError(f"{len(missing)} shard(s) were not committed: {', '.join(missing[:10])}; rerun to resume")
-    stats = aggregate({s.name: entries[s.name] for s in shards})
-    stats["mode"] = "download"
-    stats["rules"] = rules.names
-    stats["seconds_this_run"] = round(time.time() - t0, 3)
-    write_json(layout.stats, stats, tmp_dir=layout.tmp_dir)
-    manifest["finished_at"] = time.time()
-    write_json(layout.manifest, manifest, tmp_dir=layout.tmp_dir)
-    ledger.clean_tmp()
-    log(summary(stats, f"\ndownload summary ({stats['shards_committed']} shards; kept = fetched)",
-                [f"\noutputs in {cfg.output}: NNNNN.tar + NNNNN.parquet (img2dataset layout), stats.json"]))
-    return stats

@@ -1,0 +1,51 @@
+"""What generate and augment share: the diffusion actors' plan, the stage-and-writer tail of the
+dataflow, and the run spec of an output of generated shards."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from shardsmith.pipelines.config.generate import GenerateConfig
+from shardsmith.pipelines.core.dispatch import Dispatcher, ShardCollector, progress_on_commit, stream_to_writers
+from shardsmith.pipelines.core.lifecycle import RunSpec
+from shardsmith.pipelines.sinks.generated import write_generated_shard
+
+
+def diffusion_plan(cfg: GenerateConfig):
+    """Actors and their torch threads. On CPU the thread count defaults to what torch uses in a
+    plain process here (Ray would set 1), so that images equal a direct diffusers call's."""
+    import torch
+
+    from shardsmith.pipelines.core.resources import cluster_resources, node_cpus, plan_resources
+
+    cpus, gpus = cluster_resources()
+    plan = plan_resources(cpus, gpus, cfg.device, cfg.num_actors, cfg.actor_cpus, nodes=node_cpus())
+    if plan.device == "cpu":
+        plan = dataclasses.replace(plan, torch_threads=cfg.threads or torch.get_num_threads())
+    return plan
+
+
+def diffuse_and_write(ds, stage, stage_args: tuple, plan, cfg: GenerateConfig, progress,
+                      collector: ShardCollector) -> None:
+    """``stage`` (one diffusers pipeline per actor) over ``ds``; each complete shard is handed to a
+    writer task that commits it."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    ds = ds.map_batches(stage, fn_constructor_args=stage_args,
+                        compute=ActorPoolStrategy(min_size=1, max_size=plan.num_actors),
+                        batch_size=cfg.batch_size, num_cpus=plan.actor_cpus, num_gpus=plan.actor_gpus)
+    writer = ray.remote(num_cpus=plan.write_cpus, max_retries=3)(write_generated_shard)
+    dispatcher = Dispatcher(window=max(2, 2 * plan.num_actors), on_done=progress_on_commit(progress))
+    stream_to_writers(ds.iter_batches(batch_size=None, batch_format="pyarrow"), collector,
+                      lambda name, rows: writer.remote(name, rows, cfg.output), dispatcher, progress)
+
+
+def generated_run(cfg: GenerateConfig, tool: str, names: list[str], models: dict, inputs: list, what: str) -> RunSpec:
+    return RunSpec(
+        tool=tool, output=cfg.output, shards=names, fingerprint=cfg.fingerprint(tool), config=cfg.to_dict(),
+        models=models, inputs=inputs, what=what, overwrite=cfg.overwrite, address=cfg.address,
+        parts=tuple(f"{n}.{e}" for n in names for e in ("tar", "parquet")),
+        extra_stats=lambda stats, layout, log: {"generated": stats["kept"]},
+        summary_title=f"\n{tool} summary ({len(names)} shards; kept = images made)",
+        summary_notes=[f"\noutputs in {cfg.output}: NNNNN.tar + NNNNN.parquet (curate reads them back), stats.json"])
