@@ -19,7 +19,6 @@ import hashlib
 import io
 import json
 import os
-import tarfile
 
 import numpy as np
 
@@ -43,6 +42,7 @@ def make_image_shards(out: str, shards: int, per_shard: int, lo: int = 256, hi: 
     import pyarrow.parquet as pq
 
     from shardsmith.jobs.sample_data import add_watermark, caption_for, texture
+    from shardsmith.pipelines.formats.tar import TarWriter
 
     info = {"dir": out, "shards": shards, "per_shard": per_shard, "images": shards * per_shard,
             "size_range_px": [lo, hi], "format": f"JPEG quality {quality}", "seed": seed}
@@ -54,7 +54,7 @@ def make_image_shards(out: str, shards: int, per_shard: int, lo: int = 256, hi: 
     for s in range(shards):
         rng = np.random.default_rng([seed, 7, s])
         rows = []
-        with tarfile.open(os.path.join(out, f"{s:05d}.tar"), "w", format=tarfile.PAX_FORMAT) as tar:
+        with open(os.path.join(out, f"{s:05d}.tar"), "wb") as f, TarWriter(f) as tar:
             for i in range(per_shard):
                 key = f"{s:05d}{i:04d}"
                 w, h = int(rng.integers(lo, hi + 1)), int(rng.integers(lo, hi + 1))
@@ -68,10 +68,7 @@ def make_image_shards(out: str, shards: int, per_shard: int, lo: int = 256, hi: 
                 caption = caption_for(rng)
                 meta = {"url": f"https://images.example.com/{key}.jpg", "key": key, "caption": caption,
                         "status": "success", "width": w, "height": h, "original_width": w, "original_height": h}
-                for ext, payload in (("jpg", data), ("txt", caption.encode()), ("json", json.dumps(meta).encode())):
-                    ti = tarfile.TarInfo(f"{key}.{ext}")
-                    ti.size, ti.mtime, ti.mode = len(payload), 1_700_000_000, 0o644
-                    tar.addfile(ti, io.BytesIO(payload))
+                tar.add_sample(key, {"jpg": data, "txt": caption.encode(), "json": json.dumps(meta).encode()})
                 rows.append({"key": key, "url": meta["url"], "caption": caption, "status": "success",
                              "error_message": None, "width": w, "height": h, "original_width": w,
                              "original_height": h, "sha256": hashlib.sha256(data).hexdigest()})

@@ -36,7 +36,8 @@ def prompt_table(path: str, n: int) -> list[dict]:
 def run(sd_dir: str, work: str, images: int, direct_images: int, steps: int, size: int, threads: int = 1,
         batch: int = 4) -> dict:
     from shardsmith.filters.diffusion import Diffuser, DiffusionSpec
-    from shardsmith.pipelines.flows.generate import GenerateConfig, run_generate
+    from shardsmith.pipelines.config.generate import GenerateConfig
+    from shardsmith.pipelines.flows.generate import run_generate
     from shardsmith.pipelines.formats.prompts import Defaults
 
     os.makedirs(work, exist_ok=True)

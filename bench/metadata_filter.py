@@ -34,7 +34,7 @@ def pyarrow_filter(paths: list[str], out: str) -> tuple[int, float]:
 
 
 def curate_filter(meta_dir: str, out: str) -> tuple[int, float]:
-    from shardsmith.pipelines.config.curate import CurateConfig
+    from shardsmith.pipelines.config import CurateConfig
     from shardsmith.pipelines.flows.curate import run_curate
 
     shutil.rmtree(out, ignore_errors=True)

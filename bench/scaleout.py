@@ -7,7 +7,7 @@ machine a "1-CPU" node would otherwise run its actor on one core and its decode 
 other. The driver (``bench.scaleout_driver``, a separate process like a job's driver) is not
 pinned: it is the same in both runs. Nodes come from ``tests/ray_nodes.py`` (loopback, token
 auth, free ports, stopped by process group); their workers run at niceness 0 like a local Ray of
-shardsmith's (``pipelines.runtime.LOCAL_SYSTEM_CONFIG``).
+shardsmith's (``shardsmith.pipelines.core.resources.LOCAL_SYSTEM_CONFIG``).
 
 Two numbers per run: end-to-end (the driver's ``run_curate()`` wall time) and steady-state
 throughput (per scoring actor: rows after its first batch / time from its first to its last

@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import shardsmith.pipelines.core.dispatch as collect
     from bench.data import CLIP_MODEL
-    from shardsmith.pipelines.config.curate import CurateConfig
+    from shardsmith.pipelines.config import CurateConfig
     from shardsmith.pipelines.flows.curate import run_curate
 
     arrivals: list[tuple[float, str, int]] = []  # (time, scoring actor, scored rows) per block at the driver

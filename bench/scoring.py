@@ -34,7 +34,7 @@ from bench.procmem import PeakRss
 
 def curate_run(info: dict, shards: int, out: str, heads: dict, batch: int, **extra) -> dict:
     """One curate run over the first ``shards`` shards; rate, wall time and peak RSS."""
-    from shardsmith.pipelines.config.curate import CurateConfig
+    from shardsmith.pipelines.config import CurateConfig
     from shardsmith.pipelines.flows.curate import run_curate
 
     shutil.rmtree(out, ignore_errors=True)

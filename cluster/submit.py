@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from shardsmith.errors import ShardsmithError
+
 # The job API is reached through a tunnel to the head (`ray dashboard CONFIG`, `kubectl
 # port-forward`): port 8265 is never exposed publicly, so the default is the local tunnel end.
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -58,7 +60,7 @@ TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED, EXIT_TIMEOUT, EXIT_INTERRUPTED = 1, 2, 3, 124, 130
 
 
-class SubmitError(RuntimeError):
+class SubmitError(ShardsmithError, RuntimeError):
     """A problem found before or while talking to the cluster; the message says what to do."""
 
 
@@ -223,8 +225,7 @@ def enable_token_auth_if_token_available() -> None:
     """Do what ``ray.init`` does when it connects: if RAY_AUTH_MODE is unset but a token is there
     (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token), use token authentication."""
     try:
-        from ray._private.authentication.authentication_token_setup import \
-            maybe_enable_token_auth_if_token_available
+        from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
     except ImportError:  # another Ray version: the explicit RAY_AUTH_MODE=token still works
         return
     maybe_enable_token_auth_if_token_available(warn_if_disabled=False)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 
-from shardsmith.jobs.entry import job_main, run_resumable
+from shardsmith.jobs.entry import job_main
 from shardsmith.jobs.generate import add_model_arguments, base_config
 
 
@@ -44,23 +44,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
 
 
+COMMITS_SHARDS = True
+
+
 def run(args: argparse.Namespace) -> int:
-    from shardsmith.filters.diffusion import DiffusionError
-    from shardsmith.pipelines.flows.generate import run_augment
-    from shardsmith.pipelines.core.ledger import RunError
-    from shardsmith.pipelines.formats.inputs import InputError
+    from shardsmith.pipelines.flows.augment import run_augment
 
-    def work():
-        run_augment(base_config(args, input=args.input, strength=args.strength, variants=args.variants,
-                                prompt_template=args.prompt_template, caption_dropout=args.caption_dropout,
-                                size=args.size, max_side=args.max_side, buckets=args.buckets,
-                                bucket_area=args.bucket_area, limit=args.limit))
-
-    return run_resumable("augment", args.output, work, (DiffusionError, RunError, InputError, ValueError))
+    run_augment(base_config(args, input=args.input, strength=args.strength, variants=args.variants,
+                            prompt_template=args.prompt_template, caption_dropout=args.caption_dropout,
+                            size=args.size, max_side=args.max_side, buckets=args.buckets,
+                            bucket_area=args.bucket_area, limit=args.limit))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    return job_main("shardsmith.jobs.augment", __doc__, add_arguments, run, argv)
+    return job_main("shardsmith.jobs.augment", __doc__, add_arguments, run, argv, commits=COMMITS_SHARDS)
 
 
 if __name__ == "__main__":

@@ -22,13 +22,13 @@ from __future__ import annotations
 import argparse
 
 from shardsmith.filters.presets import PRESETS
-from shardsmith.jobs.entry import job_main, run_resumable
-from shardsmith.pipelines.config.curate import ConfigError, CurateConfig, config_from_dict, load_config_file
+from shardsmith.filters.scores import BUILTIN_HEADS, HEAD_ARCHS
+from shardsmith.jobs.entry import job_main
 
-# CLI flag -> config key, for the flags that map one to one.
+# CLI flag -> config key, for the flags that map one to one (the built-in heads' from the registry).
 FLAG_KEYS = {
     "mode": "mode", "clip_model": "clip_model", "clip_pretrained": "clip_pretrained",
-    "aesthetic_head": "aesthetic_head", "watermark_head": "watermark_head", "nsfw_head": "nsfw_head",
+    **{s.option: s.option for s in BUILTIN_HEADS},
     "preset": "preset", "batch_size": "batch_size", "device": "device", "num_actors": "num_actors",
     "actor_cpus": "actor_cpus", "address": "address", "max_image_pixels": "max_image_pixels",
     # --mode urls (see add_fetch_arguments)
@@ -48,10 +48,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clip-model", help="open_clip model name, or a path to an open_clip JSON config "
                                         "(default ViT-L-14-quickgelu, which the LAION heads need)")
     p.add_argument("--clip-pretrained", help="pretrained tag (default openai) or a local/fsspec checkpoint path")
-    p.add_argument("--aesthetic-head", metavar="PATH", help="LAION improved aesthetic predictor weights "
-                                                            "(e.g. sac+logos+ava1-l14-linearMSE.pth)")
-    p.add_argument("--watermark-head", metavar="PATH", help="watermark probability head weights")
-    p.add_argument("--nsfw-head", metavar="PATH", help="NSFW head weights (LAION CLIP-based detector architecture)")
+    for s in BUILTIN_HEADS:
+        p.add_argument(s.flag, metavar="PATH", help=f"{s.about}: the {s.name} column")
+    p.add_argument("--head", action="append", default=None, metavar="NAME=ARCH:PATH",
+                   help="one more score column NAME from a head on the CLIP embedding (repeatable), e.g. "
+                        f"pcartoon=linear:s3://models/cartoon.pth; ARCH: {', '.join(HEAD_ARCHS)}")
     p.add_argument("--no-similarity", action="store_true", help="do not compute image-caption similarity")
     p.add_argument("--preset", choices=sorted(PRESETS), help="rule preset (default laion-aesthetics-5plus)")
     p.add_argument("--rule", action="append", default=None, metavar="RULE",
@@ -101,7 +102,10 @@ def add_fetch_arguments(p: argparse.ArgumentParser) -> None:
                    help="error kinds --retry-failed retries (default timeout,connection_error,http_5xx,http_429)")
 
 
-def config_from_args(args: argparse.Namespace) -> CurateConfig:
+def config_from_args(args: argparse.Namespace):
+    """The CurateConfig of these arguments: the --config file's keys, then the flags given."""
+    from shardsmith.pipelines.config import CurateConfig, config_from_dict, load_config_file, parse_head_flag
+
     cfg = CurateConfig()
     if args.config:
         cfg = config_from_dict(load_config_file(args.config), cfg, source=f"--config {args.config}")
@@ -112,6 +116,9 @@ def config_from_args(args: argparse.Namespace) -> CurateConfig:
             setattr(cfg, key, value)
     if args.rule:
         cfg.rules = list(cfg.rules) + args.rule
+    for text in args.head or []:
+        name, head = parse_head_flag(text)
+        cfg.heads = {**cfg.heads, name: head}
     if args.no_similarity:
         cfg.similarity = False
     if args.embeddings:
@@ -138,17 +145,18 @@ def config_from_args(args: argparse.Namespace) -> CurateConfig:
     return cfg
 
 
+COMMITS_SHARDS = True  # Ctrl-C reports what is committed in OUTPUT
+
+
 def run(args: argparse.Namespace) -> int:
     from shardsmith.pipelines.flows.curate import run_curate
-    from shardsmith.pipelines.core.ledger import RunError
-    from shardsmith.pipelines.formats.inputs import InputError
 
-    return run_resumable("curate", args.output, lambda: run_curate(config_from_args(args)),
-                         (ConfigError, InputError, RunError))
+    run_curate(config_from_args(args))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    return job_main("shardsmith.jobs.curate", __doc__, add_arguments, run, argv)
+    return job_main("shardsmith.jobs.curate", __doc__, add_arguments, run, argv, commits=COMMITS_SHARDS)
 
 
 if __name__ == "__main__":

@@ -42,11 +42,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from shardsmith.jobs.sample_data import make_sample_data
     from shardsmith.jobs.tiny_models import make_tiny_models
-    from shardsmith.pipelines.config.curate import CurateConfig
-    from shardsmith.pipelines.flows.curate import run_curate
-    from shardsmith.pipelines.flows.generate import GenerateConfig, run_augment, run_generate
-    from shardsmith.pipelines.formats.prompts import Defaults
+    from shardsmith.pipelines.config import CurateConfig
+    from shardsmith.pipelines.config.generate import GenerateConfig
     from shardsmith.pipelines.core.resources import ray_session
+    from shardsmith.pipelines.flows.augment import run_augment
+    from shardsmith.pipelines.flows.curate import run_curate
+    from shardsmith.pipelines.flows.generate import run_generate
+    from shardsmith.pipelines.formats.prompts import Defaults
 
     out = args.output
     data_dir, models_dir = os.path.join(out, "sample"), os.path.join(out, "models")

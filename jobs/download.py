@@ -20,8 +20,7 @@ import argparse
 
 from shardsmith.filters.presets import PRESETS
 from shardsmith.jobs.curate import FLAG_KEYS, add_fetch_arguments
-from shardsmith.jobs.entry import job_main, run_resumable
-from shardsmith.pipelines.config.curate import ConfigError, CurateConfig, config_from_dict, load_config_file
+from shardsmith.jobs.entry import job_main
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -39,7 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_fetch_arguments(p)
 
 
-def config_from_args(args: argparse.Namespace) -> CurateConfig:
+def config_from_args(args: argparse.Namespace):
+    from shardsmith.pipelines.config import CurateConfig, config_from_dict, load_config_file
+
     cfg = CurateConfig(preset=None, mode="urls")
     if args.config:
         cfg = config_from_dict(load_config_file(args.config), cfg, source=f"--config {args.config}")
@@ -62,17 +63,18 @@ def config_from_args(args: argparse.Namespace) -> CurateConfig:
     return cfg
 
 
-def run(args: argparse.Namespace) -> int:
-    from shardsmith.pipelines.stages.download import run_download
-    from shardsmith.pipelines.core.ledger import RunError
-    from shardsmith.pipelines.formats.inputs import InputError
+COMMITS_SHARDS = True
 
-    return run_resumable("download", args.output, lambda: run_download(config_from_args(args)),
-                         (ConfigError, InputError, RunError))
+
+def run(args: argparse.Namespace) -> int:
+    from shardsmith.pipelines.flows.download import run_download
+
+    run_download(config_from_args(args))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    return job_main("shardsmith.jobs.download", __doc__, add_arguments, run, argv)
+    return job_main("shardsmith.jobs.download", __doc__, add_arguments, run, argv, commits=COMMITS_SHARDS)
 
 
 if __name__ == "__main__":

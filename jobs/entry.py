@@ -1,7 +1,12 @@
 """What every job entry point shares: its ``main()`` (an argparse parser named ``python -m
-jobs.NAME`` around the module's ``add_arguments``/``run``), and for the jobs that commit shards to
-an OUTPUT (curate, download, generate, augment) the exit codes and messages of a failed or
-interrupted run."""
+shardsmith.jobs.NAME`` around the module's ``add_arguments``/``run``), and the one mapping of
+what can go wrong to exit codes and messages:
+
+- a ``ShardsmithError`` (configuration, input, output folder): one line
+  ``shardsmith JOB: error: MESSAGE`` on stderr, exit code 2;
+- Ctrl-C: exit code 130, saying what is committed in OUTPUT and how to resume;
+- anything else is a bug or an outage: its traceback, exit code 1.
+"""
 
 from __future__ import annotations
 
@@ -9,18 +14,38 @@ import argparse
 import sys
 from typing import Callable
 
+from shardsmith.errors import EXIT_INTERRUPTED, ShardsmithError, one_line
+
 
 def job_main(module: str, doc: str | None, add_arguments: Callable, run: Callable[[argparse.Namespace], int],
-             argv: list[str] | None = None) -> int:
+             argv: list[str] | None = None, commits: bool = False) -> int:
+    """``commits``: the job commits shards to ``args.output`` (what Ctrl-C reports)."""
     p = argparse.ArgumentParser(prog=f"python -m {module}", description=doc,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
-    return run(p.parse_args(argv))
+    return invoke(module.rsplit(".", 1)[-1].replace("_", "-"), run, p.parse_args(argv), commits)
+
+
+def invoke(tool: str, run: Callable[[argparse.Namespace], int | None], args: argparse.Namespace,
+           commits: bool = False) -> int:
+    """``run(args)``, with its errors mapped to exit codes (see the module docstring)."""
+    try:
+        return run(args) or 0
+    except ShardsmithError as e:
+        print(f"shardsmith {tool}: error: {one_line(e)}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        output = getattr(args, "output", None) if commits else None
+        note = f" {committed_note(output)} Rerun the same command to resume: committed shards are skipped, the " \
+               "others are redone." if output else ""
+        print(f"\nshardsmith {tool}: interrupted.{note}", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def committed_note(output: str) -> str:
     """What an interrupted run leaves: the committed shards, from the ledger."""
-    from shardsmith.pipelines.core.ledger import Ledger, OutputLayout
+    from shardsmith.pipelines.core.layout import OutputLayout
+    from shardsmith.pipelines.core.ledger import Ledger
 
     try:
         done = sorted(Ledger(OutputLayout(output)).committed())
@@ -30,19 +55,3 @@ def committed_note(output: str) -> str:
         return "No shard was committed yet."
     shown = ", ".join(done[:10]) + (" ..." if len(done) > 10 else "")
     return f"{len(done)} shard(s) are committed in {output} ({shown})."
-
-
-def run_resumable(tool: str, output: str, work: Callable[[], object], errors: tuple[type[Exception], ...]) -> int:
-    """Run ``work``, a job committing shards to ``output``: 0 when done; 2 with a one-line message
-    on a configuration or input error (``errors``); 130 on Ctrl-C, saying what is committed and
-    how to resume."""
-    try:
-        work()
-    except errors as e:
-        print(f"shardsmith {tool}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"\nshardsmith {tool}: interrupted. {committed_note(output)} Rerun the same command to resume: "
-              "committed shards are skipped, the others are redone.", file=sys.stderr)
-        return 130
-    return 0

@@ -19,10 +19,9 @@ see filters/watermark.py) unless --no-watermark. A rerun resumes.
 from __future__ import annotations
 
 import argparse
-import sys
 
-from shardsmith.jobs.entry import job_main, run_resumable
-from shardsmith.pipelines.formats.prompts import Defaults
+from shardsmith.errors import ConfigError
+from shardsmith.jobs.entry import job_main
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -60,7 +59,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def base_config(args: argparse.Namespace, **extra):
-    from shardsmith.pipelines.flows.generate import GenerateConfig
+    from shardsmith.pipelines.config.generate import GenerateConfig
+    from shardsmith.pipelines.formats.prompts import Defaults
 
     d = Defaults(negative_prompt=args.negative_prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
                  width=getattr(args, "width", 512), height=getattr(args, "height", 512),
@@ -72,28 +72,21 @@ def base_config(args: argparse.Namespace, **extra):
                           defaults=d, address=args.address, overwrite=args.overwrite, progress=not args.quiet, **extra)
 
 
+COMMITS_SHARDS = True
+
+
 def run(args: argparse.Namespace) -> int:
-    from shardsmith.filters.diffusion import DiffusionError
     from shardsmith.pipelines.flows.generate import run_generate
-    from shardsmith.pipelines.core.ledger import RunError
-    from shardsmith.pipelines.formats.prompts import PromptError
-    from shardsmith.pipelines.formats.inputs import InputError
 
     if bool(args.prompts) == bool(args.from_captions):
-        print("shardsmith generate: error: give a PROMPTS table or --from-captions SHARDS (one of them)", file=sys.stderr)
-        return 2
-    if args.batch_size < 1 or args.shard_size < 1:
-        print("shardsmith generate: error: --batch-size and --shard-size must be >= 1", file=sys.stderr)
-        return 2
-    def work():
-        run_generate(base_config(args, prompts=args.prompts, from_captions=args.from_captions,
-                                 shard_size=args.shard_size, limit=args.limit))
-
-    return run_resumable("generate", args.output, work, (DiffusionError, RunError, PromptError, InputError, ValueError))
+        raise ConfigError("give a PROMPTS table or --from-captions SHARDS (one of them)")
+    run_generate(base_config(args, prompts=args.prompts, from_captions=args.from_captions,
+                             shard_size=args.shard_size, limit=args.limit))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    return job_main("shardsmith.jobs.generate", __doc__, add_arguments, run, argv)
+    return job_main("shardsmith.jobs.generate", __doc__, add_arguments, run, argv, commits=COMMITS_SHARDS)
 
 
 if __name__ == "__main__":

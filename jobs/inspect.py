@@ -22,12 +22,14 @@ import json
 import os
 import sys
 
+from shardsmith.errors import ShardsmithError
 from shardsmith.jobs.entry import job_main
 
-SCORE_SHORT = (("aesthetic", "aes"), ("pwatermark", "wm"), ("punsafe", "nsfw"), ("similarity", "sim"))
+BASE_COLUMNS = {"key", "row", "status", "reason", "error", "original_width", "original_height", "caption", "url",
+                "generated", "image", "bytes", "width", "height", "members", "tar_error", "json", "scores_row"}
 
 
-class InspectError(Exception):
+class InspectError(ShardsmithError):
     """A problem with what was asked (unknown path, key, shard); one line, exit code 2."""
 
 
@@ -87,6 +89,21 @@ def output_root_of(url: str, subdir: str) -> str | None:
     return None
 
 
+def run_scores(url: str, rows: list[dict]):
+    """The score columns to show: the run's (its manifest's ScoreSet) for a file of an OUTPUT
+    folder; else the built-ins and any other numeric column of the rows."""
+    from shardsmith.filters.scores import Score, ScoreSet
+    from shardsmith.pipelines.core import fs as fsutil
+
+    root = output_root_of(url, "scores") or output_root_of(url, "curated")
+    if root is not None:
+        return ScoreSet.from_manifest(json.loads(fsutil.read_text(fsutil.join(root, "manifest.json"))))
+    scores = ScoreSet.for_run()
+    other = [k for k in (rows[0] if rows else {}) if k not in BASE_COLUMNS and k not in scores
+             and any(isinstance(r.get(k), float) for r in rows)]
+    return ScoreSet([*scores, *[Score(k, k, k[:8], "embedding", (float("-inf"), float("inf"))) for k in other]])
+
+
 def shard_name(url: str) -> str:
     return _parent(url)[1].split(".", 1)[0]
 
@@ -132,7 +149,7 @@ def parquet_rows(url: str) -> list[dict]:
 
     try:
         with fsutil.open_file(url, "rb") as f:
-            return pq.read_table(f, use_threads=False).to_pylist()  # see report_data._read_scores
+            return pq.read_table(f, use_threads=False).to_pylist()  # see pipelines/report/data.py _read_scores
     except Exception as e:
         raise InspectError(f"{url}: cannot read as parquet: {type(e).__name__}: {e}") from e
 
@@ -175,8 +192,8 @@ def tar_rows(url: str, key: str | None = None) -> list[dict]:
                    "tar_error": s.error_kind}
             if s.key in scores:
                 sc = scores[s.key]
-                row.update({k: sc.get(k) for k in ("status", "reason", "error", "aesthetic", "pwatermark",
-                                                    "punsafe", "similarity", "url")})
+                row.update({k: v for k, v in sc.items() if k in ("status", "reason", "error", "url")
+                            or k not in BASE_COLUMNS})  # and the score columns
                 row["scores_row"] = sc.get("row")
             if "json" in s.members:
                 row["json"] = s.members["json"]
@@ -207,8 +224,9 @@ def select(rows: list[dict], status: str | None, sort: str | None, ascending: bo
     return rows
 
 
-def print_table(rows: list[dict], kind: str, limit: int, total: int, out=None) -> None:
+def print_table(rows: list[dict], kind: str, limit: int, total: int, out=None, score_set=None) -> None:
     out = out or sys.stdout
+    from shardsmith.filters.scores import ScoreSet
     from shardsmith.pipelines.core.progress import table
 
     shown = rows if limit == 0 else rows[:limit]
@@ -218,7 +236,8 @@ def print_table(rows: list[dict], kind: str, limit: int, total: int, out=None) -
         headers += ["image", "bytes"]
     if has_status:
         headers += ["status", "reason"]
-    scores = [(f, s) for f, s in SCORE_SHORT if any(r.get(f) is not None for r in rows)]
+    score_set = score_set or ScoreSet.for_run()
+    scores = [(s.name, s.short) for s in score_set if any(r.get(s.name) is not None for r in rows)]
     headers += [s for _, s in scores] + ["size", "caption"]
     lines = []
     for r in shown:
@@ -353,15 +372,12 @@ def inspect_path(args: argparse.Namespace, out=None) -> None:
         return
     print(f"{url}: {len(rows)} rows", file=out)
     chosen = select(rows, args.status, args.sort, args.ascending)
-    print_table(chosen, kind, args.limit, len(rows), out)
+    print_table(chosen, kind, args.limit, len(rows), out, run_scores(url, rows))
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         inspect_path(args)
-    except InspectError as e:
-        print(f"shardsmith inspect: error: {e}", file=sys.stderr)
-        return 2
     except BrokenPipeError:  # `shardsmith inspect ... | head`
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())

@@ -15,7 +15,6 @@ as PNG. Thumbnails and plots are embedded, so the page works offline and when co
 from __future__ import annotations
 
 import argparse
-import sys
 
 from shardsmith.jobs.entry import job_main
 
@@ -30,16 +29,11 @@ def run(args: argparse.Namespace) -> int:
     from shardsmith.pipelines.report import ReportError, build_report
 
     if args.per_grid < 1:
-        print("shardsmith report: error: --per-grid must be >= 1", file=sys.stderr)
-        return 2
+        raise ReportError("--per-grid must be >= 1")
     try:
         url = build_report(args.output, per_grid=args.per_grid)
-    except ReportError as e:
-        print(f"shardsmith report: error: {e}", file=sys.stderr)
-        return 2
     except OSError as e:  # e.g. OUTPUT not writable
-        print(f"shardsmith report: error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 2
+        raise ReportError(f"{type(e).__name__}: {e}") from e
     print(f"report: {url}")
     return 0
 

@@ -16,11 +16,8 @@ import hashlib
 import io
 import json
 import os
-import tarfile
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFilter
 
 from shardsmith.jobs.entry import job_main
@@ -82,12 +79,6 @@ def encode(img: Image.Image, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), 1_700_000_000, 0o644
-    tar.addfile(info, io.BytesIO(data))
-
-
 def make_sample(rng: np.random.Generator, i: int, max_size: int = 1024) -> dict:
     """One sample's image, caption and ground truth; every ~7th small, ~6th watermarked."""
     small = i % 7 == 3
@@ -103,10 +94,15 @@ def make_sample(rng: np.random.Generator, i: int, max_size: int = 1024) -> dict:
 
 
 def write_shard(out_dir: str, shard: int, n: int, seed: int, max_size: int = 1024) -> dict:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     rng = np.random.default_rng([seed, shard])
     rows = []
     tar_path = os.path.join(out_dir, f"{shard:05d}.tar")
-    with tarfile.open(tar_path, "w", format=tarfile.PAX_FORMAT) as tar:
+    from shardsmith.pipelines.formats.tar import TarWriter
+
+    with open(tar_path, "wb") as f, TarWriter(f) as tar:
         for i in range(n):
             key = f"{shard:05d}{i:04d}"
             s = make_sample(rng, i, max_size)
@@ -121,13 +117,10 @@ def write_shard(out_dir: str, shard: int, n: int, seed: int, max_size: int = 102
                     "status": "success", "error_message": None, "width": w, "height": h,
                     "original_width": w, "original_height": h, "sample_watermarked": s["watermarked"],
                     "sample_broken": broken}
+            members = {s["fmt"]: data, "txt": s["caption"].encode(), "json": json.dumps(meta).encode()}
             if i == n - 13:  # a sample whose image member is missing
-                _add(tar, f"{key}.txt", s["caption"].encode())
-                _add(tar, f"{key}.json", json.dumps(meta).encode())
-            else:
-                _add(tar, f"{key}.{s['fmt']}", data)
-                _add(tar, f"{key}.txt", s["caption"].encode())
-                _add(tar, f"{key}.json", json.dumps(meta).encode())
+                members.pop(s["fmt"])
+            tar.add_sample(key, members)
             rows.append({"key": key, "url": meta["url"], "caption": s["caption"], "status": "success",
                          "error_message": None, "width": w, "height": h, "original_width": w,
                          "original_height": h, "exif": "{}", "sha256": hashlib.sha256(data).hexdigest()})
@@ -137,6 +130,9 @@ def write_shard(out_dir: str, shard: int, n: int, seed: int, max_size: int = 102
 
 def write_metadata(out_dir: str, files: int, rows: int, seed: int) -> list[str]:
     """LAION-5B-style metadata with the upper-case column names of the original release."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     paths = []
     for f in range(files):
         rng = np.random.default_rng([seed, 1000 + f])
@@ -182,10 +178,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from shardsmith.errors import ConfigError, RunError
+
     if args.shards < 1 or args.per_shard < 16 or args.max_size < 64:
-        raise SystemExit("sample-data: --shards must be >= 1, --per-shard >= 16 and --max-size >= 64")
-    info = make_sample_data(args.dir, args.shards, args.per_shard, args.metadata_files, args.metadata_rows, args.seed,
-                            args.max_size)
+        raise ConfigError("--shards must be >= 1, --per-shard >= 16 and --max-size >= 64")
+    try:
+        info = make_sample_data(args.dir, args.shards, args.per_shard, args.metadata_files, args.metadata_rows,
+                                args.seed, args.max_size)
+    except OSError as e:
+        raise RunError(f"{args.dir}: cannot write the sample dataset: {type(e).__name__}: {e}") from e
     print(f"wrote {len(info['shards'])} shards ({info['rows']} samples) to {info['images']} and "
           f"{len(info['metadata_files'])} metadata files to {info['metadata']}")
     return 0

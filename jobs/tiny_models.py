@@ -25,9 +25,6 @@ import argparse
 import json
 import os
 
-import numpy as np
-import torch
-
 from shardsmith.jobs.entry import job_main
 
 TINY_CLIP_CONFIG = {
@@ -40,6 +37,7 @@ TINY_CLIP_CONFIG = {
 
 def write_tiny_clip(out_dir: str, name: str = "tiny-clip", seed: int = 0) -> tuple[str, str]:
     import open_clip
+    import torch
 
     os.makedirs(out_dir, exist_ok=True)
     cfg_path = os.path.join(out_dir, f"{name}.json")
@@ -81,6 +79,7 @@ def write_sd_pipeline(out_dir: str, unet: dict, vae: dict, text: dict, seed: int
     save_pretrained; returns the pipeline."""
     import tempfile
 
+    import torch
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -119,6 +118,8 @@ def write_tiny_sd(out_dir: str, seed: int = 0) -> str:
 
 def calibration_set(n: int = 96, seed: int = 1):
     """Synthetic images (half watermarked) from the sample-data generator, with labels."""
+    import numpy as np
+
     from shardsmith.jobs.sample_data import add_watermark, texture
 
     rng = np.random.default_rng(seed)
@@ -132,6 +133,8 @@ def calibration_set(n: int = 96, seed: int = 1):
 
 
 def make_tiny_models(out: str, seed: int = 0) -> dict:
+    import torch
+
     from shardsmith.filters.clip import ClipEmbedder, ClipSpec
     from shardsmith.filters.heads import AestheticMLP, NsfwHead, fit_probability_head
 
@@ -201,7 +204,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    info = make_tiny_models(args.dir, args.seed)
+    from shardsmith.errors import RunError
+
+    try:
+        info = make_tiny_models(args.dir, args.seed)
+    except OSError as e:
+        raise RunError(f"{args.dir}: cannot write the tiny models: {type(e).__name__}: {e}") from e
     print(f"wrote tiny models to {args.dir} (see {os.path.join(args.dir, 'tiny-models.json')})")
     print("use them with: shardsmith curate INPUT OUTPUT " + " ".join(curate_flags(info)))
     return 0
