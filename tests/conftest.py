@@ -41,7 +41,7 @@ def sample(tmp_path_factory):
 
 
 def curate_config(input, output, models, **kw):
-    from shardsmith.pipelines.config.curate import CurateConfig
+    from shardsmith.pipelines.config import CurateConfig
 
     base = dict(input=str(input), output=str(output), clip_model=models["clip_model"],
                 clip_pretrained=models["clip_pretrained"], aesthetic_head=models["aesthetic_head"],

@@ -107,6 +107,7 @@ def small_sample_reference(tmp_path_factory, tiny_models) -> dict:
     import json
 
     from conftest import curate_config
+
     from shardsmith.jobs.sample_data import make_sample_data
     from shardsmith.pipelines.flows.curate import run_curate
 

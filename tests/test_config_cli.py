@@ -6,7 +6,7 @@ import pytest
 
 from shardsmith.jobs.cli import COMMANDS, build_parser
 from shardsmith.jobs.curate import config_from_args
-from shardsmith.pipelines.config.curate import ConfigError
+from shardsmith.pipelines.config import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

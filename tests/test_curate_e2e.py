@@ -11,12 +11,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import curate_config, read_scores
 from PIL import Image
 
-from conftest import curate_config, read_scores
-from shardsmith.pipelines.config.curate import ConfigError
+from shardsmith.errors import RunError
+from shardsmith.pipelines.config import ConfigError
 from shardsmith.pipelines.flows.curate import run_curate
-from shardsmith.pipelines.core.ledger import RunError
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,6 @@ def test_broken_samples_are_error_rows_with_specific_messages(first_run):
 def test_scores_equal_a_reference_computation(first_run, tiny_models, sample):
     """open_clip's own preprocess + encode_image, normalised, through the reference MLP."""
     import open_clip
-
     from test_heads import ReferenceMLP
 
     out, _ = first_run

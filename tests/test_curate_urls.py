@@ -10,11 +10,11 @@ import threading
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
-
 from conftest import curate_config, read_scores
 from image_server import ImageServer
-from shardsmith.pipelines.config.curate import ConfigError
+from PIL import Image
+
+from shardsmith.pipelines.config import ConfigError
 from shardsmith.pipelines.flows.curate import run_curate
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
@@ -311,7 +311,8 @@ def test_urls_options_are_validated(tiny_models, tmp_path):
 # -- the download step and the index merge, without Ray ------------------------------------------
 
 def test_large_metadata_files_are_cut_into_shards_that_read_their_own_rows(tmp_path):
-    from shardsmith.pipelines.stages.download import plan_url_shards, read_metadata_rows, sample_key
+    from shardsmith.pipelines.formats.inputs import plan_url_shards, sample_key
+    from shardsmith.pipelines.stages.download import read_metadata_rows
 
     t = pa.table({"url": [f"http://127.0.0.1:9/{i}.jpg" for i in range(7)], "TEXT": [f"c{i}" for i in range(7)]})
     pq.write_table(t, tmp_path / "part-00003.parquet", row_group_size=2)
@@ -327,8 +328,7 @@ def test_large_metadata_files_are_cut_into_shards_that_read_their_own_rows(tmp_p
 
 
 def test_metadata_without_url_column_is_refused_before_work(tmp_path):
-    from shardsmith.pipelines.stages.download import plan_url_shards
-    from shardsmith.pipelines.formats.inputs import InputError
+    from shardsmith.pipelines.formats.inputs import InputError, plan_url_shards
 
     pq.write_table(pa.table({"TEXT": ["a"]}), tmp_path / "m.parquet")
     with pytest.raises(InputError, match="missing column 'URL'"):
@@ -336,9 +336,10 @@ def test_metadata_without_url_column_is_refused_before_work(tmp_path):
 
 
 def test_a_half_replaced_download_is_detected_and_fetched_again(site, tmp_path):
-    from shardsmith.pipelines.stages.download import DownloadOptions, download_shard, plan_url_shards, read_download
-    from shardsmith.pipelines.formats.fetch import FetchOptions
     from shardsmith.filters.rules import RuleSet
+    from shardsmith.pipelines.formats.fetch import FetchOptions
+    from shardsmith.pipelines.formats.inputs import plan_url_shards
+    from shardsmith.pipelines.stages.download import DownloadOptions, download_shard, read_download
 
     keys = [k for k in sorted(site["samples"]) if image_ext(site["samples"][k]) == "png"][:1] + \
         [k for k in sorted(site["samples"]) if image_ext(site["samples"][k]) == "jpg"][:2]
@@ -363,7 +364,7 @@ def test_a_half_replaced_download_is_detected_and_fetched_again(site, tmp_path):
 
 def test_img2dataset_failed_rows_are_accounted_as_errors_after_the_samples():
     from shardsmith.pipelines.formats.img2dataset import failure_kind, merge_index_rows
-    from shardsmith.pipelines.sinks.curated import SCORES_SCHEMA
+    from shardsmith.pipelines.formats.scores import SCORES_SCHEMA
 
     scores = pa.Table.from_pylist([
         {"key": "000000001", "row": 0, "status": "kept", "aesthetic": 6.0, "original_width": 10, "original_height": 10},
@@ -396,7 +397,7 @@ def test_other_producers_failed_rows_are_merged_with_their_kind():
     """Only no-sample statuses are merged: shardsmith generate's `error` rows (a prompt that made no
     image) are input rows too; an unknown status is left alone."""
     from shardsmith.pipelines.formats.img2dataset import merge_index_rows
-    from shardsmith.pipelines.sinks.curated import SCORES_SCHEMA
+    from shardsmith.pipelines.formats.scores import SCORES_SCHEMA
 
     scores = pa.Table.from_pylist([{"key": "a", "row": 0, "status": "kept"}], schema=SCORES_SCHEMA)
     index = pa.Table.from_pylist([{"key": "a", "status": "success", "error_message": None},

@@ -19,7 +19,6 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
-
 from ray_nodes import LocalRayCluster, cluster_env, write_token
 
 pytestmark = pytest.mark.faults

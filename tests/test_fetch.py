@@ -5,11 +5,17 @@ import threading
 import time
 
 import pytest
+from image_server import ImageServer
 from PIL import Image
 
-from image_server import ImageServer
-from shardsmith.pipelines.formats.fetch import (Fetcher, FetchOptions, check_image, ImageCheckError, opt_out_directive,
-                             parse_retry_after)
+from shardsmith.pipelines.formats.fetch import (
+    Fetcher,
+    FetchOptions,
+    ImageCheckError,
+    check_image,
+    opt_out_directive,
+    parse_retry_after,
+)
 
 pytestmark = pytest.mark.timeout(120)
 

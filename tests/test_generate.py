@@ -11,11 +11,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import curate_config, read_scores
 from PIL import Image
 
-from conftest import curate_config, read_scores
+from shardsmith.filters.augment import buckets_for_area
+from shardsmith.pipelines.config.generate import GenerateConfig
+from shardsmith.pipelines.flows.augment import run_augment
 from shardsmith.pipelines.flows.curate import run_curate
-from shardsmith.pipelines.flows.generate import GenerateConfig, buckets_for_area, run_augment, run_generate
+from shardsmith.pipelines.flows.generate import run_generate
 from shardsmith.pipelines.formats.prompts import Defaults
 
 QUIET = dict(log=lambda *a: None)

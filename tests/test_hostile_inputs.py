@@ -11,11 +11,11 @@ import zlib
 
 import numpy as np
 import pytest
+from conftest import curate_config, read_scores
 from PIL import Image
 
-from conftest import curate_config, read_scores
+from shardsmith.errors import RunError
 from shardsmith.pipelines.flows.curate import run_curate
-from shardsmith.pipelines.core.ledger import RunError
 
 rng = np.random.default_rng(0)
 
@@ -154,7 +154,7 @@ def test_output_location_not_writable_is_a_clear_error(tiny_models, sample, tmp_
 
 
 def test_credentials_in_urls_never_reach_the_manifest(ray_local, tiny_models, sample, tmp_path):
-    from shardsmith.pipelines.core.ledger import redact
+    from shardsmith.pipelines.core.manifest import redact
 
     assert redact("s3://AKIA:s3cr3t@bucket/x.tar") == "s3://REDACTED@bucket/x.tar"
     assert redact("https://h/x.tar?X-Amz-Signature=abc&sig=def") == "https://h/x.tar?X-Amz-Signature=REDACTED&sig=REDACTED"

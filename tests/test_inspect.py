@@ -11,8 +11,8 @@ import tarfile
 
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import curate_config
+
 from shardsmith.jobs.inspect import clean
 from shardsmith.jobs.inspect import main as inspect_main
 from shardsmith.pipelines.flows.curate import run_curate
@@ -117,7 +117,7 @@ def test_errors_are_one_line_with_exit_code_2(run_out, tmp_path, capsys):
 
 
 def test_metadata_rows_have_no_image(ray_local, sample, tmp_path, capsys):
-    from shardsmith.pipelines.config.curate import CurateConfig
+    from shardsmith.pipelines.config import CurateConfig
 
     out = tmp_path / "meta"
     run_curate(CurateConfig(input=sample["metadata_files"][0], output=str(out), progress=False, report=False),

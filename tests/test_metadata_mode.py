@@ -6,9 +6,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import read_scores
-from shardsmith.pipelines.config.curate import CurateConfig
+
+from shardsmith.pipelines.config import CurateConfig
 from shardsmith.pipelines.flows.curate import run_curate
 from shardsmith.pipelines.formats.inputs import InputError
 

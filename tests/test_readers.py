@@ -3,8 +3,9 @@ import tarfile
 
 import pytest
 
-from shardsmith.pipelines.formats.tar import iter_tar_samples, metadata_column_map, split_member_name
 from shardsmith.pipelines.formats.inputs import InputError, plan_shards
+from shardsmith.pipelines.formats.laion import metadata_column_map
+from shardsmith.pipelines.formats.tar import iter_tar_samples, split_member_name
 
 
 def make_tar(path, members):

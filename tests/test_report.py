@@ -18,9 +18,9 @@ import tempfile
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import curate_config, read_scores
 from PIL import Image
 
-from conftest import curate_config, read_scores
 from shardsmith.pipelines.flows.curate import run_curate
 from shardsmith.pipelines.report import build_report
 
@@ -289,7 +289,7 @@ def test_thumbnails_are_small_jpegs_of_the_right_images(curated, page):
 @pytest.fixture(scope="module")
 def metadata_run(ray_local, sample, tmp_path_factory):
     out = tmp_path_factory.mktemp("meta") / "out"
-    from shardsmith.pipelines.config.curate import CurateConfig
+    from shardsmith.pipelines.config import CurateConfig
 
     stats = run_curate(CurateConfig(input=sample["metadata"], output=str(out), progress=False), log=lambda *a: None)
     return out, stats

@@ -21,8 +21,8 @@ def test_read_and_decode_stay_apart_from_the_scoring_actors(ray_local, tmp_path)
     """On 1-CPU nodes the read/decode tasks and the scoring actors ask for the same 0.5 CPU; Ray
     Data would then fuse them into the actors (reads serial with the model, one actor per read
     group). The optimized physical plan must keep ScoreStage an operator of its own."""
-    from shardsmith.pipelines.config.curate import CurateConfig
-    from shardsmith.pipelines.flows.curate import build_dataset
+    from shardsmith.pipelines.config import CurateConfig
+    from shardsmith.pipelines.flows.curate_images import build_dataset
     from shardsmith.pipelines.formats.inputs import InputShard
 
     plan = plan_resources(2, 0, nodes=[1.0, 1.0])

@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import read_scores
 from s3_server import MotoServer, assert_same_scores, model_flags, s3_scores, small_sample_reference
 

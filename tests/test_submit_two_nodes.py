@@ -22,11 +22,11 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
-from shardsmith.cluster import submit as cs
 from conftest import read_scores
 from ray_nodes import VENV_BIN, LocalRayCluster, cluster_env, group_alive, write_token
 from s3_server import MotoServer, assert_same_scores, model_flags, s3_scores, small_sample_reference
+
+from shardsmith.cluster import submit as cs
 
 # Every wait below is bounded; the whole module stays under this even on a loaded 2-core machine.
 pytestmark = pytest.mark.timeout(900)
