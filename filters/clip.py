@@ -10,6 +10,7 @@ model. Both halves together compute exactly what ``preprocess(image)`` computes.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from contextlib import contextmanager
@@ -19,10 +20,31 @@ import numpy as np
 import torch
 from PIL import Image
 
+from shardsmith.errors import ConfigError
 from shardsmith.filters.weights import WeightsError, local_copy
 
 DEFAULT_MODEL = "ViT-L-14-quickgelu"
 DEFAULT_PRETRAINED = "openai"
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
+
+
+def cpu_has_bf16() -> bool:
+    """bf16 matrix units on this CPU (AVX512-BF16 or AMX-BF16), which oneDNN uses by itself."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:
+        return False
+
+
+def resolve_precision(requested: str, device: str) -> str:
+    """The precision of the CLIP towers: ``auto`` is fp16 on CUDA, bf16 on a CPU with bf16
+    units, fp32 elsewhere; an explicit one is kept."""
+    if requested != "auto":
+        return requested
+    if str(device).startswith("cuda"):
+        return "fp16"
+    return "bf16" if cpu_has_bf16() else "fp32"
 
 
 @dataclass(frozen=True)
@@ -100,14 +122,21 @@ def _on_device(device: torch.device):
 class ClipEmbedder:
     """Loads one open_clip model and embeds images and captions, L2-normalised, in batches.
 
+    ``precision``: the towers run in fp32, or under ``torch.autocast`` in bf16/fp16 (matrix
+    products in the reduced type, normalisations and softmax in fp32); the embeddings come out in
+    fp32, L2-normalised, so the heads and the similarity always run in fp32. ``compile``: the
+    image tower through ``torch.compile`` (static shapes: forwards have a fixed batch size).
     ``device="meta"`` builds the model without weights in memory (see ``_on_device``): the
     preprocessing, sizes and tokenizer are real, the forwards are not."""
 
-    def __init__(self, spec: ClipSpec, device: str = "cpu"):
+    def __init__(self, spec: ClipSpec, device: str = "cpu", precision: str = "fp32", compile: bool = False):
         import open_clip
 
+        if precision not in PRECISIONS:
+            raise ConfigError(f"precision {precision!r}: one of {', '.join(PRECISIONS)}")
         self.spec = spec
         self.device = torch.device(device)
+        self.precision = resolve_precision(precision, device)
         name = spec.resolve_name()
         pretrained = spec.resolve_pretrained()
         try:
@@ -118,6 +147,9 @@ class ClipEmbedder:
         except RuntimeError as e:
             raise WeightsError(f"cannot load CLIP {spec.model!r} with pretrained={spec.pretrained!r}: {e}") from e
         self.model = model.eval()
+        self._encode_image = self.model.encode_image
+        if compile and self.device.type != "meta":
+            self._encode_image = torch.compile(self.model.encode_image, dynamic=False)
         self.preprocess = preprocess
         self.tokenizer = open_clip.get_tokenizer(name)
         pil_steps, tensor_steps = split_preprocess(preprocess)
@@ -142,16 +174,23 @@ class ClipEmbedder:
             x = t(x)
         return x
 
+    def _autocast(self):
+        if self.precision == "fp32" or self.device.type == "meta":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=getattr(torch, _DTYPES[self.precision]))
+
     @torch.inference_mode()
     def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
         x = self.pixels_to_tensor(pixels).to(self.device)
-        feats = self.model.encode_image(x)
+        with self._autocast():
+            feats = self._encode_image(x)
         return torch.nn.functional.normalize(feats.float(), dim=-1).cpu().numpy()
 
     @torch.inference_mode()
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         tokens = self.tokenizer(texts).to(self.device)
-        feats = self.model.encode_text(tokens)
+        with self._autocast():
+            feats = self.model.encode_text(tokens)
         return torch.nn.functional.normalize(feats.float(), dim=-1).cpu().numpy()
 
     def embed_pil(self, images: list[Image.Image]) -> np.ndarray:

@@ -25,6 +25,8 @@ class ScorerSpec:
     heads: dict[str, HeadSpec] = field(default_factory=dict)  # score name -> architecture and weights
     similarity: bool = True
     scores: ScoreSet = field(default_factory=ScoreSet.for_run)
+    precision: str = "fp32"  # the CLIP towers' (filters/clip.py PRECISIONS); heads and similarity run in fp32
+    compile: bool = False  # torch.compile the image tower
 
     def computed(self) -> list[str]:
         """Score columns this spec computes, in column order (the others are null)."""
@@ -48,7 +50,7 @@ class Scorer:
     def __init__(self, spec: ScorerSpec, device: str = "auto"):
         self.spec = spec
         self.device = pick_device(device)
-        self.embedder = ClipEmbedder(spec.clip, device=self.device)
+        self.embedder = ClipEmbedder(spec.clip, device=self.device, precision=spec.precision, compile=spec.compile)
         self.heads = {}
         for name, head in spec.heads.items():
             try:

@@ -29,7 +29,7 @@ from shardsmith.jobs.entry import job_main
 FLAG_KEYS = {
     "mode": "mode", "clip_model": "clip_model", "clip_pretrained": "clip_pretrained",
     **{s.option: s.option for s in BUILTIN_HEADS},
-    "preset": "preset", "batch_size": "batch_size", "device": "device", "num_actors": "num_actors",
+    "preset": "preset", "batch_size": "batch_size", "precision": "precision", "device": "device", "num_actors": "num_actors",
     "actor_cpus": "actor_cpus", "address": "address", "max_image_pixels": "max_image_pixels",
     # --mode urls (see add_fetch_arguments)
     "urls_per_shard": "urls_per_shard", "fetch_threads": "fetch_threads", "fetch_timeout": "fetch_timeout",
@@ -59,6 +59,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="extra rule, e.g. 'min_side >= 256' (repeatable; added after the preset's rules)")
     p.add_argument("--embeddings", action="store_true", help="also write embeddings (clip-retrieval layout)")
     p.add_argument("--batch-size", type=int, help="images per model forward (default 64)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="the CLIP towers' precision (default auto: fp16 on CUDA, bf16 on CPUs with bf16 units, "
+                        "else fp32); heads and similarity always run in fp32")
+    p.add_argument("--compile", action="store_true", help="torch.compile the image tower")
     p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--num-actors", type=int, help="scoring actors (default: one per GPU, or sized from CPUs)")
     p.add_argument("--actor-cpus", type=float, help="CPUs reserved per scoring actor (default: automatic)")
@@ -129,6 +133,8 @@ def config_from_args(args: argparse.Namespace):
         cfg.detect_generated = True
     if args.fast_decode:
         cfg.fast_decode = True
+    if args.compile:
+        cfg.compile = True
     if args.overwrite:
         cfg.overwrite = True
     if args.quiet:

@@ -46,7 +46,7 @@ def curate_config(input, output, models, **kw):
     base = dict(input=str(input), output=str(output), clip_model=models["clip_model"],
                 clip_pretrained=models["clip_pretrained"], aesthetic_head=models["aesthetic_head"],
                 watermark_head=models["watermark_head"], nsfw_head=models["nsfw_head"], progress=False,
-                batch_size=16, report=False)
+                batch_size=16, report=False, precision="fp32")  # the reference computations are fp32
     base.update(kw)
     return CurateConfig(**base)
 

@@ -45,7 +45,7 @@ def declared_run(ray_local, tiny_models, sample, cartoon_head, tmp_path_factory)
     cfg_file.write_text(yaml.safe_dump({
         "clip_model": tiny_models["clip_model"], "clip_pretrained": tiny_models["clip_pretrained"],
         "preset": "none", "heads": {"pcartoon": {"arch": "linear", "weights": cartoon_head}},
-        "rules": ["pcartoon < 0.05"], "batch_size": 16}))
+        "rules": ["pcartoon < 0.05"], "batch_size": 16, "precision": "fp32"}))
     out = d / "out"
     cfg = config_from_args(_args(sample["images"], str(out), "--config", str(cfg_file), "--quiet"))
     stats = run_curate(cfg, log=lambda *a: None)
@@ -128,7 +128,7 @@ def test_a_rerun_with_the_head_changed_is_refused(declared_run, tiny_models, sam
     torch.save(torch.nn.Linear(64, 1).state_dict(), other)
     cfg = config_from_args(_args(sample["images"], str(out), "--preset", "none", "--clip-model",
                                  tiny_models["clip_model"], "--clip-pretrained", tiny_models["clip_pretrained"],
-                                 "--head", f"pcartoon=linear:{other}", "--rule", "pcartoon < 0.05"))
+                                 "--head", f"pcartoon=linear:{other}", "--rule", "pcartoon < 0.05", "--precision", "fp32"))
     from shardsmith.errors import RunError
 
     with pytest.raises(RunError, match="heads"):

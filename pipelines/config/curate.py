@@ -35,6 +35,8 @@ class CurateConfig:
     rules: list[str] = field(default_factory=list)  # added after the preset's rules
     embeddings: bool = False  # write clip-retrieval style img_emb/ + metadata/
     batch_size: int = 64  # images per model forward
+    precision: str = "auto"  # CLIP towers: auto (fp16 on CUDA, bf16 on CPUs with bf16 units, else fp32) | fp32 | bf16 | fp16
+    compile: bool = False  # torch.compile the image tower (fixed forward size)
     decode_batch_size: int = 32  # images per decode task batch
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     num_actors: int = 0  # 0 = one per GPU, or sized from the CPUs
@@ -106,7 +108,9 @@ class CurateConfig:
     def fingerprint(self) -> dict:
         """What decides the outputs: a rerun into the same OUTPUT must match it to resume."""
         keys = ("mode", "clip_model", "clip_pretrained", "aesthetic_head", "watermark_head", "nsfw_head",
-                "similarity", "embeddings", "max_image_pixels", "exif_transpose", "detect_generated")
+                "similarity", "embeddings", "max_image_pixels", "exif_transpose", "detect_generated", "precision")
+        if self.compile:  # only when on: compiled kernels may round differently
+            keys += ("compile",)
         if self.fast_decode:  # only when on: runs without it keep their fingerprint
             keys += ("fast_decode",)
         if self.mode == "urls":  # the fetch settings that change what is stored (timeouts do not)
@@ -129,6 +133,8 @@ class CurateConfig:
                 raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
         if self.num_actors < 0 or self.actor_cpus < 0:
             raise ConfigError("num_actors / actor_cpus: must be >= 0 (0 = automatic)")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ConfigError(f"precision: {self.precision!r} is not one of auto, fp32, bf16, fp16")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"device: {self.device!r} is not one of auto, cpu, cuda, cuda:N")
         self.check_heads()

@@ -44,6 +44,8 @@ class RunSpec:
     redo_what: str = ""  # e.g. "failures to retry: timeout, http_5xx"
     # more stats at the end: (stats so far, layout, log) -> keys to add
     extra_stats: Callable[[dict, OutputLayout, Callable], dict] | None = None
+    # what the manifest's models gain at the end, from the stats (e.g. the precision actually used)
+    models_used: Callable[[dict], dict] | None = None
     summary_title: str = ""
     summary_notes: list[str] = field(default_factory=list)
     after: Callable[[str, Callable], None] | None = None  # e.g. the report: (output, log)
@@ -79,6 +81,8 @@ def run_job(spec: RunSpec, execute: Callable[[list[str]], None], log=print) -> d
         stats.update(spec.extra_stats(stats, layout, log))
     stats["seconds_this_run"] = round(time.time() - t0, 3)
     write_json(layout.stats, stats, tmp_dir=layout.tmp_dir)
+    if spec.models_used:
+        manifest["models"] = {**manifest.get("models", {}), **spec.models_used(stats)}
     manifest["finished_at"] = time.time()
     write_json(layout.manifest, manifest, tmp_dir=layout.tmp_dir)
     ledger.clean_tmp()

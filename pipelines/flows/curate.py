@@ -57,7 +57,7 @@ def run_curate(cfg: CurateConfig, log=print) -> dict:
     rules = cfg.ruleset()
     mode, shards = plan_curate(cfg)
     spec = ScorerSpec(ClipSpec(cfg.clip_model, cfg.clip_pretrained), cfg.head_specs(), cfg.similarity,
-                      cfg.score_set())
+                      cfg.score_set(), cfg.precision, cfg.compile)
     check_rules_against_scores(cfg, mode, spec)
     scorer, models = None, {}
     if mode in ("images", "urls"):
@@ -88,8 +88,9 @@ def run_curate(cfg: CurateConfig, log=print) -> dict:
                 log(f"warning: {dup['count']} key(s) appear in more than one shard, e.g. "
                     f"{[d['key'] for d in dup['examples'][:3]]} (each shard's rows are still accounted for; "
                     "see stats.json duplicate_keys_across_shards)")
+        used = sorted({p for e in stats["shards"].values() for p in e.get("precision", [])})
         return {**extra, "mode": mode, "rules": rules.names, "scores_computed": models.get("computed", []),
-                "scores_not_computed": models.get("not_computed", [])}
+                "scores_not_computed": models.get("not_computed", []), **({"precision": used} if used else {})}
 
     missing = models.get("not_computed")
     run = RunSpec(
@@ -101,6 +102,7 @@ def run_curate(cfg: CurateConfig, log=print) -> dict:
         + ([f"not computed (no weights given, column left null): {', '.join(missing)}"] if missing else []),
         redo=retry_failed(cfg, list(by_name)) if mode == "urls" else None,
         redo_what=f"failures to retry: {', '.join(cfg.retry_kinds)}", extra_stats=extra_stats,
+        models_used=lambda stats: {"precision_used": stats["precision"]} if "precision" in stats else {},
         summary_title=f"\ncurate summary ({mode} mode, {len(shards)} shards)",
         summary_notes=([f"\nnot computed (null columns): {', '.join(missing)}"] if missing else [])
         + [f"\noutputs in {cfg.output}: scores/, curated/, stats.json, manifest.json"],

@@ -75,7 +75,10 @@ def run_images(cfg: CurateConfig, todo: list[InputShard], rules, spec, scorer, l
     downloaded shards the writer reads (``write_shards``, by name)."""
     import ray
 
+    from shardsmith.errors import RunError
     from shardsmith.pipelines.core.dispatch import Dispatcher, ShardCollector, progress_on_commit, stream_to_writers
+    from shardsmith.pipelines.core.layout import OutputLayout
+    from shardsmith.pipelines.core.ledger import Ledger
     from shardsmith.pipelines.core.progress import Progress
     from shardsmith.pipelines.core.resources import cluster_resources, node_cpus, plan_resources
     from shardsmith.pipelines.formats.img2dataset import expected_rows
@@ -91,10 +94,17 @@ def run_images(cfg: CurateConfig, todo: list[InputShard], rules, spec, scorer, l
     writer = ray.remote(num_cpus=plan.write_cpus, max_retries=3)(write_image_shard)
     names = spec.scores.names
 
+    precisions = {p for e in Ledger(OutputLayout(cfg.output)).committed().values() for p in e.get("precision", [])}
+
     def submit(name: str, rows: pa.Table | None):
-        table, emb, nodes, scorers = results_table(rows, names, embed_dim=scorer.embedder.embed_dim)
+        table, emb, provenance = results_table(rows, names, embed_dim=scorer.embedder.embed_dim)
+        if precisions and not set(provenance["precision"]) <= precisions:  # a resumed run cannot mix them
+            raise RunError(f"shard {name} was scored in {', '.join(provenance['precision'])} but {cfg.output} holds "
+                           f"shards scored in {', '.join(sorted(precisions))}: rerun with --precision "
+                           f"{sorted(precisions)[0]} (or --overwrite)")
+        precisions.update(provenance["precision"])
         return writer.remote(by_name[name], table, rules, cfg.output, names, emb if cfg.embeddings else None,
-                             {"node_ids": nodes, "scored_by": scorers})
+                             provenance)
 
     # No prefetching: the rows are small, and a prefetching iterator hands each block over only
     # when the next one is ready (a scored batch late), which delays every shard's commit.

@@ -66,18 +66,22 @@ def _empty(scores: list[str]) -> pa.Table:
                      "generated": pa.array([], pa.int8())})
 
 
+PROVENANCE = {"node_id": "node_ids", "scorer": "scored_by", "precision": "precision"}  # column -> ledger key
+
+
 def results_table(t: pa.Table | None, scores: list[str], embed_dim: int
-                  ) -> tuple[pa.Table, np.ndarray | None, list[str], list[str]]:
+                  ) -> tuple[pa.Table, np.ndarray | None, dict[str, list[str]]]:
     """A complete shard's scored rows (sentinel removed, in row order) -> (results table with
-    nulls where there is no size or score, embeddings, node ids, scoring actor ids)."""
+    nulls where there is no size or score, embeddings, provenance: the distinct node ids, scoring
+    actor ids and precisions that made the shard, for its ledger entry)."""
     t = _empty(scores) if t is None else t  # an empty shard
     emb = None
     if "embedding" in t.column_names:
         emb = np.stack(t.column("embedding").to_numpy(zero_copy_only=False))
     elif t.num_rows == 0:
         emb = np.zeros((0, embed_dim), np.float16)
-    nodes = sorted({n for n in t.column("node_id").to_pylist() if text(n)}) if "node_id" in t.column_names else []
-    scorers = sorted({n for n in t.column("scorer").to_pylist() if text(n)}) if "scorer" in t.column_names else []
+    provenance = {key: sorted({v for v in t.column(col).to_pylist() if text(v)}) if col in t.column_names else []
+                  for col, key in PROVENANCE.items()}
     res = t.select([c for c in result_columns(scores) if c in t.column_names])
 
     def put(name, col):
@@ -95,4 +99,4 @@ def results_table(t: pa.Table | None, scores: list[str], embed_dim: int
         put(c, pc.if_else(pc.is_nan(col), pa.scalar(None, col.type), col))
     g = res.column("generated")
     put("generated", pc.if_else(pc.less(g, 0), pa.scalar(None, pa.bool_()), pc.cast(g, pa.bool_())))
-    return res, emb, nodes, scorers
+    return res, emb, provenance

@@ -3,7 +3,8 @@ every head of the run.
 
 Reads DECODED columns (``stages/batch.py``); writes SCORED ones: ``pixels`` replaced by one
 float32 column per score of the run's ScoreSet (NaN where not computed, and for rows that were
-errors before scoring), ``node_id``, ``scorer`` (one id per actor process), and ``embedding``
+errors before scoring), ``node_id``, ``scorer`` (one id per actor process), ``precision`` (what the
+towers ran in, resolved per actor from ``auto``), and ``embedding``
 (fp16) with ``--embeddings``. Resources: one GPU per actor where the cluster has GPUs, fractional
 CPUs otherwise (``core/resources.py``); the model is loaded once per actor.
 """
@@ -52,6 +53,7 @@ class ScoreStage:
         out.update(scores)
         out["node_id"] = np.array([self.node_id] * n, dtype=object)
         out["scorer"] = np.array([self.instance] * n, dtype=object)
+        out["precision"] = np.array([self.scorer.embedder.precision] * n, dtype=object)
         if self.keep_embeddings:
             if emb is None:
                 emb = np.zeros((n, self.scorer.embedder.embed_dim), dtype=np.float16)
