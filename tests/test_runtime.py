@@ -9,8 +9,10 @@ from shardsmith.pipelines.core.resources import plan_resources
 
 
 def test_cpu_plan_puts_an_actor_on_every_node():
-    one = plan_resources(2, 0)  # a 2-core laptop: one actor, a core's worth left to read and decode
-    assert (one.num_actors, one.actor_cpus, one.torch_threads) == (1, 1.0, 1)
+    one = plan_resources(2, 0)  # a 2-core laptop: one actor whose threads take both cores, decoding in it
+    assert (one.num_actors, one.actor_cpus, one.torch_threads, one.decode_in_actor) == (1, 1.5, 2, True)
+    big = plan_resources(32, 0)  # a large CPU node: several actors of 8 threads
+    assert (big.num_actors, big.torch_threads) == (4, 8)
     two = plan_resources(2, 0, nodes=[1.0, 1.0])  # two 1-CPU nodes: half of each node to an actor
     assert (two.num_actors, two.actor_cpus) == (2, 0.5)
     gpu = plan_resources(8, 2)

@@ -56,10 +56,12 @@ class ResourcePlan:
     decode_cpus: float
     read_cpus: float
     write_cpus: float
+    decode_in_actor: bool = False  # CPU: each actor decodes its images between forwards (see _cpu_node_plan)
 
     def describe(self) -> str:
+        where = "decoding in the actors" if self.decode_in_actor else "decoding in CPU tasks"
         return (f"{self.num_actors} model actor(s) on {self.device} "
-                f"({self.actor_cpus:g} CPU, {self.actor_gpus:g} GPU, {self.torch_threads} torch threads each)")
+                f"({self.actor_cpus:g} CPU, {self.actor_gpus:g} GPU, {self.torch_threads} torch threads each; {where})")
 
 
 # Ray remote args for the CPU task stages that feed an actor pool (read, decode). Ray Data fuses a
@@ -71,22 +73,24 @@ class ResourcePlan:
 # so the stages stay apart.
 TASK_STAGE_ARGS = {"max_calls": 0}
 
-MAX_CPU_ACTORS_PER_NODE = 8  # each actor holds a copy of the model (ViT-L/14: 1.7 GB in fp32)
+THREADS_PER_CPU_ACTOR = 8  # a node with more cores gets more actors (each holds a copy of the model)
 
 
-def _cpu_node_plan(c: float) -> tuple[int, float]:
-    """(actors, CPUs per actor) for a CPU node with ``c`` logical CPUs.
+def _cpu_node_plan(c: float) -> tuple[int, float, int]:
+    """(actors, CPUs per actor, torch threads per actor) for a CPU node with ``c`` logical CPUs.
 
-    The model is nearly all of the work: decoding and resizing a 256-1024 px JPEG costs ~6 ms, one
-    ViT-B/32 image + caption forward ~200 ms on one core (bench/), so one CPU's worth of read,
-    decode and write tasks feeds many actors. The rest goes to actors of one thread each where
-    possible: threads within one forward scale worse than processes (1.5x for 2 threads) and a
-    multi-threaded forward stalls when another process takes one of its cores. On one CPU, half of
-    it is left to the data tasks (an actor holding the whole CPU would starve them: a hang)."""
-    reserve = 1.0 if c >= 2 else c / 2
-    usable = max(c - reserve, 0.25)
-    n = max(1, min(MAX_CPU_ACTORS_PER_NODE, int(usable)))
-    return n, usable / n
+    The whole node serves the model: the actors' torch threads together take every core, and each
+    actor decodes its own images, in a thread pool of the same size, between its forwards
+    (``stages/score.py``). Decoding interleaved with the model, rather than beside it in other
+    processes, is what keeps a multi-threaded forward from stalling: a forward whose threads wait
+    for each other at every op loses far more than the decode takes whenever another process holds
+    one of its cores (bench/: a 2-thread forward ran 1.5x a 1-thread one, not 2x, while decode
+    tasks ran beside it). Half a CPU is left to the read and write tasks (tar streaming and
+    parquet: little CPU, but an actor holding the whole node would starve them: a hang)."""
+    n = max(1, round(c / THREADS_PER_CPU_ACTOR))
+    threads = max(1, int(c // n))
+    reserve = 0.5 if c >= 1 else c / 2
+    return n, max(c - reserve, 0.25) / n, threads
 
 
 def plan_resources(cpus: float, gpus: float, device: str = "auto", num_actors: int = 0,
@@ -100,13 +104,13 @@ def plan_resources(cpus: float, gpus: float, device: str = "auto", num_actors: i
             raise RuntimeError(f"device {device!r} requested but the Ray cluster has no GPU")
         n = num_actors or int(gpus)
         a_cpus = actor_cpus or min(1.0, max(cpus / max(n, 1) / 2, 0.25))
-        return ResourcePlan(device, n, a_cpus, 1.0, max(1, int(a_cpus)), 0.5, 0.25, 0.25)
+        return ResourcePlan(device, n, a_cpus, 1.0, max(1, int(a_cpus)), 0.5, 0.25, 0.25, decode_in_actor=False)
     per_node = [_cpu_node_plan(c) for c in (nodes or [cpus]) if c > 0] or [_cpu_node_plan(cpus)]
     # one actor size for the pool (Ray Data's actors are alike): the smallest node's
-    a_cpus = actor_cpus or min(a for _, a in per_node)
-    n = num_actors or sum(k for k, _ in per_node)
-    threads = max(1, int(round(a_cpus)))
-    return ResourcePlan("cpu", n, a_cpus, 0.0, threads, 0.5 if cpus >= 2 else 0.25, 0.25, 0.25)
+    a_cpus = actor_cpus or min(a for _, a, _ in per_node)
+    n = num_actors or sum(k for k, _, _ in per_node)
+    threads = min(t for _, _, t in per_node) if not actor_cpus else max(1, int(round(actor_cpus)))
+    return ResourcePlan("cpu", n, a_cpus, 0.0, threads, 0.5 if cpus >= 2 else 0.25, 0.25, 0.25, decode_in_actor=True)
 
 
 def cluster_resources() -> tuple[float, float]:

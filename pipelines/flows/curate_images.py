@@ -18,52 +18,55 @@ from shardsmith.pipelines.formats.inputs import InputShard
 
 def build_dataset(shards: list[InputShard], cfg: CurateConfig, spec, pixel_transform, image_size: tuple[int, int],
                   plan, read_fn=None, read_kwargs: dict | None = None):
-    """The read -> decode -> score chain. ``read_fn`` replaces the tar reader (urls mode: download,
-    then read the downloaded tar; there decode stays a stage of its own)."""
+    """The read -> decode -> score chain; on CPU (``plan.decode_in_actor``) the scoring actors
+    decode. ``read_fn`` replaces the tar reader (urls mode: download, then read the downloaded tar;
+    on GPUs decode is then a stage of its own)."""
     import ray
     from ray.data import ActorPoolStrategy
 
     from shardsmith.pipelines.core.resources import TASK_STAGE_ARGS
     from shardsmith.pipelines.stages.decode import decode_batch
-    from shardsmith.pipelines.stages.read import (
-        block_size,
-        pixel_block_bytes,
-        read_batch_rows,
-        read_decode_rows,
-        read_tasks,
-    )
+    from shardsmith.pipelines.stages.read import (block_size, pixel_block_bytes, read_batch_rows, read_decode_rows,
+                                                  read_shard_rows, read_tasks, sample_block_bytes)
     from shardsmith.pipelines.stages.score import ScoreStage
 
     items = [{"shard": s.name, "url": s.url} for s in shards]
     decode_kwargs = {"pixel_transform": pixel_transform, "image_size": image_size,
                      "max_pixels": cfg.max_image_pixels, "exif_transpose": cfg.exif_transpose,
                      "detect_generated": cfg.detect_generated, "fast": cfg.fast_decode}
+    rows = read_batch_rows(cfg.batch_size)
     if read_fn is None:
         # Small shards are read in groups (one task per group: one input block each), their rows
-        # packed into batches of a multiple of the forward size (read_shard_rows), decoded in the
-        # same task and passed on one batch per block, so every forward is full but the last one
-        # of each group.
-        rows = read_batch_rows(cfg.batch_size)
-        with block_size(pixel_block_bytes(rows, image_size)):
+        # packed into batches of a multiple of the forward size (read_shard_rows) and passed on one
+        # batch per block, so every forward is full but the last one of each group. On CPU the
+        # actors decode (sample blocks hold image bytes); otherwise the read task decodes too.
+        target = sample_block_bytes(rows, shards) if plan.decode_in_actor else pixel_block_bytes(rows, image_size)
+        with block_size(target):
             ds = ray.data.from_items(items, override_num_blocks=read_tasks(shards, plan.num_actors))
-        ds = ds.map_batches(read_decode_rows, fn_kwargs={"rows_per_batch": rows, "decode_kwargs": decode_kwargs},
-                            batch_size=None, num_cpus=plan.decode_cpus, zero_copy_batch=True, **TASK_STAGE_ARGS)
+        if plan.decode_in_actor:
+            ds = ds.map_batches(read_shard_rows, fn_kwargs={"rows_per_batch": rows}, batch_size=None,
+                                num_cpus=plan.read_cpus, zero_copy_batch=True, **TASK_STAGE_ARGS)
+        else:
+            ds = ds.map_batches(read_decode_rows, fn_kwargs={"rows_per_batch": rows, "decode_kwargs": decode_kwargs},
+                                batch_size=None, num_cpus=plan.decode_cpus, zero_copy_batch=True, **TASK_STAGE_ARGS)
     else:
         ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
         ds = ds.map_batches(read_fn, fn_kwargs=read_kwargs, batch_size=1, num_cpus=plan.read_cpus,
                             zero_copy_batch=True, **TASK_STAGE_ARGS)
-        ds = ds.map_batches(decode_batch, fn_kwargs=decode_kwargs, batch_size=cfg.decode_batch_size,
-                            num_cpus=plan.decode_cpus, **TASK_STAGE_ARGS)
+        if not plan.decode_in_actor:
+            ds = ds.map_batches(decode_batch, fn_kwargs=decode_kwargs, batch_size=cfg.decode_batch_size,
+                                num_cpus=plan.decode_cpus, **TASK_STAGE_ARGS)
     return ds.map_batches(
         ScoreStage,
-        fn_constructor_args=(spec, plan.device, plan.torch_threads, cfg.embeddings, cfg.batch_size),
+        fn_constructor_args=(spec, plan.device, plan.torch_threads, cfg.embeddings, cfg.batch_size,
+                             decode_kwargs if plan.decode_in_actor else None),
         # Start the whole pool at once: Ray Data spreads the actors over the nodes, and a pool that
         # starts at one actor only grows under backpressure, which a small run never builds.
         compute=ActorPoolStrategy(min_size=1, max_size=plan.num_actors, initial_size=plan.num_actors),
         # On CPU, one read batch per call (whole blocks: a forward batch of samples plus the rows
         # that need none), so that no forward is padded but the last; Ray Data refuses whole
         # blocks for GPU stages, where a padded forward also costs far less.
-        batch_size=None if read_fn is None and plan.actor_gpus == 0 else cfg.batch_size,
+        batch_size=None if plan.actor_gpus == 0 else cfg.batch_size,
         num_cpus=plan.actor_cpus,
         num_gpus=plan.actor_gpus,
     )

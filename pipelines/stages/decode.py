@@ -98,9 +98,11 @@ def decode(data: bytes, pixel_transform, max_pixels: int = DEFAULT_MAX_PIXELS,
 
 
 def decode_batch(batch: dict, pixel_transform, image_size: tuple[int, int], max_pixels: int,
-                 exif_transpose: bool, detect_generated: bool = False, fast: bool = False) -> dict:
-    """Ray Data UDF (CPU tasks): image bytes -> model-size uint8 pixels + original size.
-    ``fast``: reduced-size JPEG decoding (``--fast-decode``, see decode)."""
+                 exif_transpose: bool, detect_generated: bool = False, fast: bool = False, pool=None) -> dict:
+    """Ray Data UDF (CPU tasks), or called by a scoring actor that decodes its own images: image
+    bytes -> model-size uint8 pixels + original size. ``fast``: reduced-size JPEG decoding
+    (``--fast-decode``, see decode). ``pool``: a thread pool the rows are decoded in (Pillow
+    releases the GIL while it decodes and resizes); the result is the same."""
     draft_size = image_size[::-1] if fast else None  # PIL sizes are (width, height)
     n = len(batch["row"])
     pixels = np.zeros((n, *image_size, 3), dtype=np.uint8)
@@ -109,17 +111,23 @@ def decode_batch(batch: dict, pixel_transform, image_size: tuple[int, int], max_
     generated = np.full(n, -1, dtype=np.int8)  # -1 = not known
     kinds = list(batch["error_kind"])
     errors = list(batch["error"])
-    for i in range(n):
-        if batch["row"][i] == SENTINEL or text(kinds[i]) is not None:
-            continue
+
+    def one(i: int) -> None:
         try:
             d = decode(batch["image"][i], pixel_transform, max_pixels, exif_transpose, detect_generated, draft_size)
         except DecodeError as e:
             kinds[i], errors[i] = e.kind, e.message
-            continue
+            return
         pixels[i], width[i], height[i] = d.pixels, d.width, d.height
         if d.generated is not None:
             generated[i] = int(d.generated)
+
+    todo = [i for i in range(n) if batch["row"][i] != SENTINEL and text(kinds[i]) is None]
+    if pool is None:
+        for i in todo:
+            one(i)
+    else:
+        list(pool.map(one, todo))
     out = {k: v for k, v in batch.items() if k != "image"}
     out.update(pixels=pixels, original_width=width, original_height=height, generated=generated,
                error_kind=np.array(kinds, dtype=object), error=np.array(errors, dtype=object))

@@ -95,6 +95,17 @@ def pixel_block_bytes(rows: int, image_size: tuple[int, int]) -> int:
     return int(0.8 * rows * image_size[0] * image_size[1] * 3)
 
 
+def sample_block_bytes(rows: int, shards: list[InputShard]) -> int:
+    """Target block size for batches of ``rows`` samples as bytes (when the actors decode): the
+    shards' mean bytes per sample, from their sizes and their indexes' row counts where known."""
+    from shardsmith.pipelines.formats.img2dataset import expected_rows
+
+    total = sum(s.size or 0 for s in shards)
+    n = expected_rows(shards) if total else None
+    per_sample = total / n if n else 150_000  # a LAION JPEG is ~100-200 kB
+    return max(1 << 20, int(0.8 * rows * per_sample))
+
+
 @contextmanager
 def block_size(target: int):
     """Datasets created inside take ``target`` as their block size (they keep the DataContext they

@@ -1,7 +1,9 @@
 """The score stage (actor pool): one CLIP image forward (and one text forward) per sample feeds
 every head of the run.
 
-Reads DECODED columns (``stages/batch.py``); writes SCORED ones: ``pixels`` replaced by one
+Reads DECODED columns (``stages/batch.py``) -- or, on CPU nodes, SAMPLE columns, decoding the
+images itself between forwards in a thread pool (``decode_kwargs``; see ``core/resources.py``
+for why) -- and writes SCORED ones: ``pixels`` replaced by one
 float32 column per score of the run's ScoreSet (NaN where not computed, and for rows that were
 errors before scoring), ``node_id``, ``scorer`` (one id per actor process), ``precision`` (what the
 towers ran in, resolved per actor from ``auto``), and ``embedding``
@@ -23,11 +25,18 @@ from shardsmith.pipelines.stages.batch import SENTINEL, text, text_columns
 class ScoreStage:
     """Ray Data UDF (actor pool): the model is loaded once per actor, the run's scores computed."""
 
-    def __init__(self, spec: ScorerSpec, device: str, threads: int, keep_embeddings: bool, batch_size: int):
+    def __init__(self, spec: ScorerSpec, device: str, threads: int, keep_embeddings: bool, batch_size: int,
+                 decode_kwargs: dict | None = None):
         import torch
 
         torch.set_num_threads(threads)
         self.scorer = Scorer(spec, device=device)
+        self.decode_kwargs = decode_kwargs
+        self.pool = None
+        if decode_kwargs is not None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode")
         self.batch_size = batch_size
         self.keep_embeddings = keep_embeddings
         self.node_id = node_id()
@@ -35,6 +44,10 @@ class ScoreStage:
         self.instance = f"{self.node_id[:12]}-{os.getpid()}"
 
     def __call__(self, batch: dict) -> dict:
+        if self.decode_kwargs is not None and "image" in batch:
+            from shardsmith.pipelines.stages.decode import decode_batch
+
+            batch = decode_batch(batch, **self.decode_kwargs, pool=self.pool)
         n = len(batch["row"])
         ok = np.array([batch["row"][i] != SENTINEL and text(batch["error_kind"][i]) is None for i in range(n)],
                       dtype=bool)
