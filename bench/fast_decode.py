@@ -12,26 +12,24 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import torch
 
 from bench import data as bdata
 from bench.measure import median, paired_ratios, rnd, say
 
 
-def run(info: dict, heads: dict, images: int, threads: int, batch: int) -> dict:
+def run(info: dict, heads: dict, images: int, batch: int) -> dict:
     from shardsmith.filters.clip import ClipSpec
     from shardsmith.filters.scorer import Scorer, ScorerSpec
+    from shardsmith.filters.scores import BUILTIN, HeadSpec
     from shardsmith.pipelines.stages.decode import decode
 
-    torch.set_num_threads(threads)
     jpegs, captions = [], []
     for data, cap in bdata.iter_samples(info, 2):
         jpegs.append(data)
         captions.append(cap)
     jpegs, captions = jpegs[:images], captions[:images]
-    spec = ScorerSpec(ClipSpec(bdata.CLIP_MODEL, None), {"aesthetic": heads["aesthetic_head"],
-                                                        "pwatermark": heads["watermark_head"],
-                                                        "punsafe": heads["nsfw_head"]})
+    spec = ScorerSpec(ClipSpec(bdata.CLIP_MODEL, None),
+                      {s.name: HeadSpec(s.arch, heads[s.option]) for s in BUILTIN.values() if s.arch})
     scorer = Scorer(spec, device="cpu")
     pt, size = scorer.pixel_transform, scorer.embedder.image_size
     draft = size[::-1]

@@ -1,13 +1,17 @@
-"""Figure 4: ``generate`` against a direct diffusers loop (same pipeline, prompts, seeds, one image
-per pipeline call, same torch threads), alternating direct, generate, direct.
+"""Figures: ``generate`` against a direct diffusers loop, and generate at bf16 against fp32.
+
+- ``generation_efficiency``: generate / a direct diffusers loop (same pipeline, prompts, seeds,
+  dtype, one image per pipeline call), alternating direct, generate, direct. Both sides use
+  torch's default thread count (every core: what a plain process gets, and what generate's actors
+  use by default).
+- ``generation_speedup_bf16``: generate at bfloat16 / generate at float32, same images,
+  alternating fp32, bf16, fp32.
 
 generate is timed end to end (``run_generate()``: prompt table, plan, actor start and pipeline
-load, the images, PNG encoding, shard writing and commit) on an already-running Ray. It runs with
-``--no-watermark``: the direct loop does not watermark. 256 px images, 12 steps: about 2 s of
-model time per image here, so that a run of 40 images is mostly model, as a real run is (the
-actor's start -- a process importing torch and diffusers, ~5 s -- is paid once per run; at 128 px
-it was a quarter of the run). Both sides use one torch thread: on this shared machine a 2-thread diffusers forward was measured 10-30x slower whenever another process took a core (its
-threads wait for each other at every op), which would make either side's rate pure noise.
+load, the images, PNG encoding, shard writing and commit) on an already-running Ray, with
+``--no-watermark`` (the direct loop does not watermark). 256 px images, 12 steps, so that a run
+is mostly model, as a real run is (the actor's start -- a process importing torch and diffusers,
+~5 s -- is paid once per run).
 """
 
 from __future__ import annotations
@@ -33,8 +37,7 @@ def prompt_table(path: str, n: int) -> list[dict]:
     return rows
 
 
-def run(sd_dir: str, work: str, images: int, direct_images: int, steps: int, size: int, threads: int = 1,
-        batch: int = 4) -> dict:
+def run(sd_dir: str, work: str, images: int, direct_images: int, steps: int, size: int, batch: int = 4) -> dict:
     from shardsmith.filters.diffusion import Diffuser, DiffusionSpec
     from shardsmith.pipelines.config.generate import GenerateConfig
     from shardsmith.pipelines.flows.generate import run_generate
@@ -42,9 +45,9 @@ def run(sd_dir: str, work: str, images: int, direct_images: int, steps: int, siz
 
     os.makedirs(work, exist_ok=True)
     rows = prompt_table(os.path.join(work, "prompts.parquet"), images)
-    torch.set_num_threads(threads)
-    say(f"generation: loading the pipeline for the direct loop ({steps} steps, {size}x{size}, {threads} thread)")
-    diffuser = Diffuser(DiffusionSpec(sd_dir))
+    threads = torch.get_num_threads()  # torch's default, as in generate's actors
+    say(f"generation: loading the pipeline for the direct loop ({steps} steps, {size}x{size}, {threads} threads)")
+    diffuser = Diffuser(DiffusionSpec(sd_dir, dtype="bfloat16"))
     guidance = 7.5
 
     def direct(chunk: list[dict]) -> float:
@@ -57,10 +60,10 @@ def run(sd_dir: str, work: str, images: int, direct_images: int, steps: int, siz
 
     gen_seconds: list[float] = []
 
-    def generate() -> float:
+    def generate(dtype: str = "bfloat16") -> float:
         out = os.path.join(work, "gen-out")
         shutil.rmtree(out, ignore_errors=True)
-        cfg = GenerateConfig(output=out, model=sd_dir, prompts=os.path.join(work, "prompts.parquet"), threads=threads,
+        cfg = GenerateConfig(output=out, model=sd_dir, prompts=os.path.join(work, "prompts.parquet"), dtype=dtype,
                              batch_size=batch, shard_size=max(1, images // 2), watermark=False, progress=False,
                              defaults=Defaults(num_inference_steps=steps, guidance_scale=guidance, width=size,
                                                height=size))
@@ -70,7 +73,7 @@ def run(sd_dir: str, work: str, images: int, direct_images: int, steps: int, siz
         assert stats["generated"] == images, stats
         shutil.rmtree(out, ignore_errors=True)
         gen_seconds.append(s)
-        say(f"  generate: {images} images in {s:.1f} s = {images / s:.3f} images/s")
+        say(f"  generate ({dtype}): {images} images in {s:.1f} s = {images / s:.3f} images/s")
         return images / s
 
     diffuser.txt2img(rows[0]["prompt"], None, 0, 1, guidance, size, size)  # warm-up
@@ -78,6 +81,10 @@ def run(sd_dir: str, work: str, images: int, direct_images: int, steps: int, siz
     g = [generate()]
     d.append(direct(rows[direct_images:2 * direct_images]))
     ratios = paired_ratios(g, d)
+    fp32 = [generate("float32")]
+    bf16 = [generate("bfloat16")]
+    fp32.append(generate("float32"))
+    speedup = paired_ratios(bf16, fp32)
     # what generate spends beyond the direct loop's time for the same images: actor start (a new
     # process importing torch and diffusers) and the pipeline load, once per run
     overhead = gen_seconds[0] - images / ((d[0] + d[1]) / 2)
@@ -88,6 +95,12 @@ def run(sd_dir: str, work: str, images: int, direct_images: int, steps: int, siz
                  "text encoder, DDIM", steps=steps, size=f"{size}x{size}", guidance_scale=guidance,
         torch_threads=threads, actor_batch_size=batch, fixed_overhead_s=round(overhead, 2),
         what="generate images/s / direct diffusers loop images/s (pipe(prompt, generator=Generator('cpu')"
-             ".manual_seed(seed)) per image), alternating direct, generate, direct",
+             ".manual_seed(seed)) per image), both bfloat16 with torch's default threads, alternating direct, "
+             "generate, direct",
         included="run_generate() wall time: prompt table, plan, actor start + pipeline load, images, PNG, "
-                 "shards, commit; Ray already running; --no-watermark")}
+                 "shards, commit; Ray already running; --no-watermark"),
+        "generation_speedup_bf16": figure(
+            median(speedup), 1.5, ratios=rnd(speedup, 4), bf16_images_per_s=rnd(bf16, 4), fp32_images_per_s=rnd(fp32, 4),
+            images=images, steps=steps, size=f"{size}x{size}",
+            what="generate end to end at --dtype bfloat16 / at --dtype float32, same images and seeds, alternating "
+                 "fp32, bf16, fp32")}

@@ -1,19 +1,23 @@
-"""The in-process reference loops curate is compared with.
+"""The in-process reference loops curate is compared with, each at full strength: torch's own
+thread count (every core of the node, what a plain Python process gets), the same model, heads,
+batch size and precision as the curate run it is compared with.
 
-- ``BareModels``: the model work of curate and nothing else — the CLIP image and text towers and
-  the three heads on already-decoded, preprocessed float tensors and already-tokenized captions.
-  What curate's scoring actor could do at best with the same model, batch size and torch threads.
+- ``BareModels``: the model work of curate and nothing else, on already-decoded, preprocessed
+  float tensors and already-tokenized captions: the CLIP image and text towers (``towers_only``:
+  the ceiling of a node, ``node_efficiency``), or the towers, the three heads and the similarity
+  (``scoring_efficiency``).
 - ``SinglePurposeTools``: the way one-score-per-tool pipelines compute the same four scores: each
   tool opens, decodes and preprocesses the image itself and runs its own image forward; the
   similarity tool also encodes the caption. Four image forwards and four decodes per image,
   where curate does one of each.
 
-Both are timed in the benchmark's own process, alternating with the curate runs they are compared
+All are timed in the benchmark's own process, alternating with the curate runs they are compared
 with (so the noise of a shared machine hits both sides alike).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import time
 
@@ -25,10 +29,18 @@ from shardsmith.filters.clip import ClipEmbedder, ClipSpec
 from shardsmith.filters.heads import load_head
 
 HEAD_FILES = {"aesthetic": "aesthetic_head", "pwatermark": "watermark_head", "punsafe": "nsfw_head"}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(precision: str):
+    """What curate's towers run under at ``precision`` (filters/clip.py does the same)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast("cpu", dtype=DTYPES[precision])
 
 
 class Models:
-    """One CLIP model, its preprocess and tokenizer, and the three heads (shared by both loops)."""
+    """One CLIP model, its preprocess and tokenizer, and the three heads (shared by the loops)."""
 
     def __init__(self, clip_model: str, heads: dict[str, str]):
         self.embedder = ClipEmbedder(ClipSpec(clip_model, None), device="cpu")
@@ -38,7 +50,7 @@ class Models:
 
 
 class BareModels:
-    """encode_image + encode_text + heads on ready tensors, ``batch`` rows per forward."""
+    """The towers (+ heads + similarity) on ready tensors, ``batch`` rows per forward."""
 
     def __init__(self, models: Models, jpegs: list[bytes], captions: list[str], batch: int):
         e = models.embedder
@@ -50,15 +62,20 @@ class BareModels:
         self.tokens = e.tokenizer(captions[:n])  # token ids (N, 77): tokenizing is not timed
 
     @torch.inference_mode()
-    def run(self, batches: int) -> tuple[int, float]:
+    def run(self, batches: int, precision: str = "fp32", towers_only: bool = False) -> tuple[int, float]:
         """Run ``batches`` forwards (cycling over the data); returns (images, seconds)."""
         m = self.models
         n_avail = len(self.images) // self.batch
         t0 = time.perf_counter()
         for b in range(batches):
             s = (b % n_avail) * self.batch
-            img = torch.nn.functional.normalize(m.model.encode_image(self.images[s:s + self.batch]).float(), dim=-1)
-            txt = torch.nn.functional.normalize(m.model.encode_text(self.tokens[s:s + self.batch]).float(), dim=-1)
+            with autocast(precision):
+                img = m.model.encode_image(self.images[s:s + self.batch])
+                txt = m.model.encode_text(self.tokens[s:s + self.batch])
+            if towers_only:
+                continue
+            img = torch.nn.functional.normalize(img.float(), dim=-1)
+            txt = torch.nn.functional.normalize(txt.float(), dim=-1)
             for head in m.heads.values():
                 head(img)
             (img * txt).sum(-1)
@@ -80,7 +97,7 @@ class SinglePurposeTools:
         return torch.stack([pre(Image.open(io.BytesIO(d))) for d in chunk])
 
     @torch.inference_mode()
-    def run(self, batches: int) -> tuple[int, float]:
+    def run(self, batches: int, precision: str = "fp32") -> tuple[int, float]:
         m = self.models
         n_avail = max(1, len(self.jpegs) // self.batch)
         t0 = time.perf_counter()
@@ -88,9 +105,11 @@ class SinglePurposeTools:
             s = (b % n_avail) * self.batch
             chunk, caps = self.jpegs[s:s + self.batch], self.captions[s:s + self.batch]
             for name in ("aesthetic", "pwatermark", "punsafe"):  # one tool per score
-                emb = torch.nn.functional.normalize(m.model.encode_image(self._images(chunk)).float(), dim=-1)
-                m.heads[name](emb)
-            img = torch.nn.functional.normalize(m.model.encode_image(self._images(chunk)).float(), dim=-1)
-            txt = torch.nn.functional.normalize(m.model.encode_text(m.embedder.tokenizer(caps)).float(), dim=-1)
-            (img * txt).sum(-1)
+                with autocast(precision):
+                    emb = m.model.encode_image(self._images(chunk))
+                m.heads[name](torch.nn.functional.normalize(emb.float(), dim=-1))
+            with autocast(precision):
+                img = m.model.encode_image(self._images(chunk))
+                txt = m.model.encode_text(m.embedder.tokenizer(caps))
+            (torch.nn.functional.normalize(img.float(), dim=-1) * torch.nn.functional.normalize(txt.float(), dim=-1)).sum(-1)
         return batches * self.batch, time.perf_counter() - t0

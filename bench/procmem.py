@@ -53,9 +53,10 @@ def rss_bytes(pid: int) -> int:
     return 0
 
 
-def tree_rss(root: int) -> tuple[int, int]:
-    """(summed RSS in bytes, number of processes) of ``root`` and its descendants."""
-    pids = tree(root)
+def tree_rss(root: int, exclude_root: bool = False) -> tuple[int, int]:
+    """(summed RSS in bytes, number of processes) of ``root`` and its descendants (without
+    ``root`` itself with ``exclude_root``)."""
+    pids = [p for p in tree(root) if not (exclude_root and p == root)]
     return sum(rss_bytes(p) for p in pids), len(pids)
 
 
@@ -64,16 +65,19 @@ class PeakRss:
 
     With ``root_growth_only`` the root process counts only for what it grew since the start: the
     benchmark's own process is the curate driver, but also holds the reference loops' models,
-    which are no part of a curate run."""
+    which are no part of a curate run. With ``split_root`` the root is kept apart: ``m.peak`` is
+    its descendants' (the Ray processes), ``m.root_peak`` its own."""
 
     def __init__(self, root: int | None = None, interval: float = 0.5, root_growth_only: bool = False,
-                 rescan: float = 2.0):
+                 rescan: float = 2.0, split_root: bool = False):
         self.root = root or os.getpid()
         self.interval = interval
         self.rescan = rescan  # listing every process of the machine costs more than reading a few
         self._pids: list[int] = []
         self._scanned = 0.0
         self.root_base = rss_bytes(self.root) if root_growth_only else 0
+        self.split_root = split_root
+        self.root_peak = 0
         self.peak = 0
         self.peak_processes = 0
         self.samples = 0
@@ -86,7 +90,10 @@ class PeakRss:
             self._pids, self._scanned = tree(self.root), now
         pids = self._pids
         total = sum(rss_bytes(p) for p in pids if p != self.root)
-        total += max(0, rss_bytes(self.root) - self.root_base)
+        root = rss_bytes(self.root)
+        self.root_peak = max(self.root_peak, root)
+        if not self.split_root:
+            total += max(0, root - self.root_base)
         return total, len(pids)
 
     def _run(self) -> None:

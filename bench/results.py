@@ -11,10 +11,13 @@ import time
 from bench.measure import load_average
 
 TITLES = {
-    "scoring_efficiency": "curate / bare models (images/s)",
+    "speedup_vs_fp32_bare": "curate (default precision) / bare fp32 loop, every core (images/s)",
+    "node_efficiency": "curate / the towers alone at curate's precision, every core (images/s)",
+    "scoring_efficiency": "curate / bare models at curate's precision, every core (images/s)",
     "speedup_vs_single_purpose": "curate / single-purpose tools (images/s)",
-    "memory_growth_10x": "peak RSS of all Ray processes, 10x data / 1x",
+    "memory_growth_10x": "driver peak RSS over idle, 10x data / 1x",
     "generation_efficiency": "generate / direct diffusers loop (images/s)",
+    "generation_speedup_bf16": "generate at bf16 / at fp32 (images/s)",
     "metadata_filter_rows_per_s": "metadata curate / one pyarrow filter (rows/s)",
     "scale_out_2_nodes": "2 nodes x 1 CPU / 1 node x 1 CPU (steady images/s)",
 }

@@ -3,15 +3,18 @@
 Builds the inputs (cached in ``bench/out/``), starts one local Ray the way ``shardsmith curate``
 does, then measures, each side by side with its reference on the same data:
 
-1. scoring_efficiency, 2. speedup_vs_single_purpose, 3. memory_growth_10x  (bench/scoring.py)
-4. generation_efficiency                                                   (bench/generation.py)
-5. metadata_filter_rows_per_s                                              (bench/metadata_filter.py)
-6. scale_out_2_nodes, on its own pinned local clusters                     (bench/scaleout.py)
+1. speedup_vs_fp32_bare, node_efficiency, scoring_efficiency, speedup_vs_single_purpose,
+   memory_growth_10x                                                       (bench/scoring.py)
+2. generation_efficiency, generation_speedup_bf16                          (bench/generation.py)
+3. metadata_filter_rows_per_s                                              (bench/metadata_filter.py)
+4. scale_out_2_nodes, on its own pinned local clusters                     (bench/scaleout.py)
 
-plus ``--fast-decode``'s speed and deviation (bench/fast_decode.py). Writes ``bench/results.json``
-and ``bench/results.md`` after every figure; exits 1 when a figure misses its target or fails.
+plus ``--fast-decode``'s speed and deviation (bench/fast_decode.py) and bf16's deviation and
+``torch.compile``'s gain (bench/precision.py). Writes ``bench/results.json`` and
+``bench/results.md`` after every figure; exits 1 when a figure misses its target or fails.
 
-    python -m bench.run [--only scoring,generation,metadata,fast_decode,scaleout] [--quick]
+    python -m bench.run [--only scoring,generation,metadata,fast_decode,precision,scaleout] [--quick]
+    python -m bench.run --gpu     # the GPU plan (bench/gpu.py): skips, saying so, without CUDA
 
 ``--quick`` shrinks everything to check that the harness runs (its figures mean nothing).
 """
@@ -38,7 +41,7 @@ SIZES = {
     "quick": {"shards": 2, "per_shard": 64, "meta_files": 2, "meta_rows": 100_000, "gen_images": 4,
               "gen_direct": 2, "gen_steps": 2, "gen_size": 64, "scaleout_shards": 2, "fast_images": 64},
 }
-STEPS = ("scoring", "metadata", "generation", "fast_decode", "scaleout")
+STEPS = ("scoring", "metadata", "generation", "fast_decode", "precision", "scaleout")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,7 +51,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny sizes: check the harness, not the figures")
     p.add_argument("--out", default=HERE, help="where results.json and results.md go (default bench/)")
     p.add_argument("--work", default=os.path.join(HERE, "out"), help="cached inputs and scratch (default bench/out)")
+    p.add_argument("--gpu", action="store_true", help="the GPU plan only (bench/gpu.py; needs CUDA, else skips)")
+    p.add_argument("--gpu-decode", action="store_true", help="with --gpu: also decode JPEGs on the GPU")
     args = p.parse_args(argv)
+    if args.gpu:
+        from bench import gpu
+
+        return gpu.main(args.out, args.work, gpu_decode=args.gpu_decode, quick=args.quick)
     steps = [s.strip() for s in args.only.split(",")] if args.only else list(STEPS)
     unknown = [s for s in steps if s not in STEPS]
     if unknown:
@@ -101,9 +110,9 @@ def main(argv: list[str] | None = None) -> int:
             if "scoring" in steps:
                 from bench import scoring
 
-                say("figures 1-3: curate vs bare models, vs single-purpose tools, memory at 1x and 10x")
-                attempt("scoring", lambda: scoring.run(images, heads, args.work, plan.torch_threads, batch,
-                                                       quick=args.quick))
+                say("figures: curate vs the bare fp32 loop, the node's ceiling, the bare models, single-purpose "
+                    "tools; memory at 1x and 10x")
+                attempt("scoring", lambda: scoring.run(images, heads, args.work, batch, quick=args.quick))
             if "metadata" in steps:
                 from bench import metadata_filter
 
@@ -112,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             if "generation" in steps:
                 from bench import generation
 
-                say("figure 4: generate vs a direct diffusers loop")
+                say("figures: generate vs a direct diffusers loop; generate at bf16 vs fp32")
                 attempt("generation", lambda: generation.run(sd_dir, args.work, size["gen_images"],
                                                              size["gen_direct"], size["gen_steps"], size["gen_size"]))
             if "fast_decode" in steps:
@@ -121,11 +130,20 @@ def main(argv: list[str] | None = None) -> int:
                 say("extra: --fast-decode speed and deviation")
 
                 def fd():
-                    results.doc["extras"]["fast_decode"] = fast_decode.run(images, heads, size["fast_images"],
-                                                                           plan.torch_threads, batch)
+                    results.doc["extras"]["fast_decode"] = fast_decode.run(images, heads, size["fast_images"], batch)
                     return {}
 
                 attempt("fast_decode", fd)
+            if "precision" in steps:
+                from bench import precision
+
+                say("extra: bf16's deviation from fp32, torch.compile's gain")
+
+                def pr():
+                    results.doc["extras"].update(precision.run(images, heads, size["fast_images"] * 4, batch))
+                    return {}
+
+                attempt("precision", pr)
     if "scaleout" in steps:
         from bench import scaleout
 

@@ -1,9 +1,11 @@
 """The curate driver of a scale-out run: ``run_curate`` against ``--address``, recording when each
 scored batch reaches the driver and which actor scored it; prints one JSON line.
 
-Steady-state throughput = the sum over the scoring actors of (rows it scored after its first
-batch) / (time from its first to its last batch at the driver): what the pool sustains once its
-actors run, leaving out connecting and the actors' model load, which do not scale with nodes.
+Steady-state throughput = the rows that reached the driver while every scoring actor was busy
+(from the moment the last actor delivered its first batch to the moment the first actor delivered
+its last one), over that window: what the pool sustains while all of it works, leaving out
+connecting and the actors' model load (which do not scale with nodes) and the tails where only
+some actors still have work. Actors that ran one after the other have no common window: 0.
 
     python -m bench.scaleout_driver --address HOST:PORT --input SHARDS --output DIR --heads JSON
 """
@@ -57,15 +59,15 @@ def main(argv: list[str] | None = None) -> int:
     per_actor = {}
     for actor in sorted({a for _, a, _ in arrivals}):
         mine = [(t, k) for t, a, k in arrivals if a == actor]
-        window = mine[-1][0] - mine[0][0]
-        rows_after_first = sum(k for _, k in mine[1:])
         per_actor[actor] = {"batches": len(mine), "rows": sum(k for _, k in mine),
-                            "first_at_s": round(mine[0][0] - t0, 2), "last_at_s": round(mine[-1][0] - t0, 2),
-                            "steady_images_per_s": rows_after_first / window if window > 0 else None}
-    rates = [a["steady_images_per_s"] for a in per_actor.values()]
-    steady = sum(rates) if rates and all(r is not None for r in rates) else float("nan")
+                            "first_at_s": round(mine[0][0] - t0, 2), "last_at_s": round(mine[-1][0] - t0, 2)}
+    start = max(min(t for t, a, _ in arrivals if a == actor) for actor in per_actor)  # every actor has started
+    end = min(max(t for t, a, _ in arrivals if a == actor) for actor in per_actor)  # none has finished yet
+    in_window = sum(k for t, _, k in arrivals if start < t <= end)
+    steady = in_window / (end - start) if end > start else 0.0
     print(json.dumps({"images": n, "seconds": round(seconds, 2), "images_per_s": n / seconds,
-                      "steady_images_per_s": steady, "per_actor": per_actor,
+                      "steady_images_per_s": steady, "steady_window_s": [round(start - t0, 2), round(end - t0, 2)],
+                      "rows_in_window": in_window, "per_actor": per_actor,
                       "plan": plan_line[-1] if plan_line else None,
                       "scoring_actors": stats.get("scoring_actor_instances"),
                       "nodes_used": len(stats.get("node_ids", []))}))

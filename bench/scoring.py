@@ -1,21 +1,31 @@
-"""Figures 1-3: curate against the bare models, against single-purpose tools, and its memory.
+"""Figures 1-5: curate against the node's ceiling, against a fp32 user loop, against
+single-purpose tools, and its memory.
 
-One sequence, alternating the sides on the same data in the same process (the curate driver is
-this process; Ray is already running, as on a cluster):
+Every reference runs at full strength: torch's own thread count in this process (every core, as a
+plain Python process gets), the same model, heads and batch size; curate runs at its default
+precision (``auto``: what a user gets). One sequence, alternating on the same data:
 
-    bare, CURATE(10x), single-purpose, CURATE(1x), bare, CURATE(10x), single-purpose, bare
+    refs, CURATE(10x), tools, refs, CURATE(1x), CURATE(10x), tools, refs
 
-- ``scoring_efficiency``: each 10x curate run's images/s over the mean of the bare-models rates
-  measured just before and after it; the median of the two.
-- ``speedup_vs_single_purpose``: each 10x curate run's images/s over the single-purpose rate
-  measured right after it; the median.
-- ``memory_growth_10x``: the larger peak RSS (summed over every Ray process) of the two 10x runs
-  over the 1x run's.
+where ``refs`` is the bare loop at fp32, the towers alone at curate's precision and the bare
+models at curate's precision, measured back to back. Each 10x curate run is compared with the
+mean of the references just before and just after it; the figure is the median.
 
-A curate run is timed end to end: ``run_curate()`` from its call to its return — the driver's
-model and head checks, shard planning, output manifest, the actor pool start (model load), read,
-decode, score, the writer tasks and the commits. Not included: starting Ray (done once, reported
-apart) and the HTML report (off: ``--no-report``).
+- ``speedup_vs_fp32_bare``: curate / bare fp32 eager loop (towers + heads + similarity on ready
+  tensors): what reduced precision and the whole-node plan give over the plain fp32 model.
+- ``node_efficiency``: curate / the image and text towers alone at curate's precision on ready
+  tensors: how much of the node's model ceiling curate reaches with reading, decoding, heads,
+  rules and writing included.
+- ``scoring_efficiency``: curate / the bare models (towers + heads + similarity) at curate's
+  precision on ready tensors.
+- ``speedup_vs_single_purpose``: curate / four single-purpose tools at curate's precision.
+- ``memory``: the driver's peak RSS over its own idle baseline, at 10x the data / at 1x (the
+  driver holds no model, so a growth is the driver's); the Ray workers' peak over the idle
+  cluster's, as bytes per row between 1x and 10x.
+
+A curate run is timed end to end: ``run_curate()`` from its call to its return (driver checks,
+planning, manifest, actor start and model load, read, decode, score, writers, commits); Ray is
+already running and the HTML report is off.
 """
 
 from __future__ import annotations
@@ -24,16 +34,14 @@ import os
 import shutil
 import time
 
-import torch
-
 from bench import data as bdata
 from bench.loops import BareModels, Models, SinglePurposeTools
 from bench.measure import figure, load_average, median, paired_ratios, rnd, say
-from bench.procmem import PeakRss
+from bench.procmem import PeakRss, rss_bytes, tree_rss
 
 
 def curate_run(info: dict, shards: int, out: str, heads: dict, batch: int, **extra) -> dict:
-    """One curate run over the first ``shards`` shards; rate, wall time and peak RSS."""
+    """One curate run over the first ``shards`` shards; rate, wall time, precision and memory."""
     from shardsmith.pipelines.config import CurateConfig
     from shardsmith.pipelines.flows.curate import run_curate
 
@@ -41,7 +49,9 @@ def curate_run(info: dict, shards: int, out: str, heads: dict, batch: int, **ext
     cfg = CurateConfig(input=bdata.shard_urls(info, 0, shards), output=out, clip_model=bdata.CLIP_MODEL,
                        clip_pretrained=None, batch_size=batch, report=False, progress=False, **heads, **extra)
     load = load_average()
-    with PeakRss(root_growth_only=True) as mem:
+    driver_idle = rss_bytes(os.getpid())
+    workers_idle, _ = tree_rss(os.getpid(), exclude_root=True)
+    with PeakRss(split_root=True) as mem:
         t0 = time.perf_counter()
         stats = run_curate(cfg, log=lambda *a: None)
         seconds = time.perf_counter() - t0
@@ -49,79 +59,106 @@ def curate_run(info: dict, shards: int, out: str, heads: dict, batch: int, **ext
     assert stats["errors"] == 0 and n == shards * info["per_shard"], stats
     shutil.rmtree(out, ignore_errors=True)
     return {"images": n, "seconds": round(seconds, 2), "images_per_s": n / seconds,
-            "peak_rss_bytes": mem.peak, "processes_at_peak": mem.peak_processes, "load_average_before": load}
+            "precision": (stats.get("precision") or ["fp32"])[0],
+            "driver_peak_over_idle_bytes": mem.root_peak - driver_idle,
+            "workers_peak_over_idle_bytes": mem.peak - workers_idle,
+            "processes_at_peak": mem.peak_processes, "load_average_before": load}
 
 
-def run(info: dict, heads: dict, work: str, threads: int, batch: int, quick: bool = False) -> dict:
-    """Figures 1-3; returns {name: figure}."""
-    torch.set_num_threads(threads)
+def run(info: dict, heads: dict, work: str, batch: int, quick: bool = False) -> dict:
+    """Figures 1-5; returns {name: figure}."""
+    import torch
+
+    threads = torch.get_num_threads()  # torch's default here: every core this process may use
     samples = list(bdata.iter_samples(info, 2))
     jpegs, captions = [s[0] for s in samples], [s[1] for s in samples]
     say(f"scoring: loading {bdata.CLIP_MODEL} (random weights) and the heads for the reference loops")
     models = Models(bdata.CLIP_MODEL, heads)
     bare = BareModels(models, jpegs, captions, batch)
     tools = SinglePurposeTools(models, jpegs[:batch], captions[:batch], batch)
-    bare_batches = 1 if quick else 2
+    bare_batches = 1 if quick else 3
     ten, one = info["shards"], max(1, info["shards"] // 10)
     out = os.path.join(work, "curate-out")
+    refs: dict[str, list[float]] = {"fp32_bare": [], "towers": [], "bare": []}
+    precision = {"value": None}
 
-    def bare_rate() -> float:
-        n, s = bare.run(bare_batches)
-        say(f"  bare models: {n} images in {s:.1f} s = {n / s:.2f} images/s")
+    def rate(name: str, fn) -> float:
+        n, s = fn()
+        say(f"  {name}: {n} images in {s:.1f} s = {n / s:.2f} images/s")
         return n / s
+
+    def measure_refs() -> None:
+        p = precision["value"] or "fp32"
+        refs["fp32_bare"].append(rate("bare fp32 loop", lambda: bare.run(bare_batches, "fp32")))
+        refs["towers"].append(rate(f"towers alone, {p}", lambda: bare.run(bare_batches, p, towers_only=True)))
+        refs["bare"].append(rate(f"bare models, {p}", lambda: bare.run(bare_batches, p)))
 
     def tools_rate() -> float:
-        n, s = tools.run(1)
-        say(f"  single-purpose tools: {n} images in {s:.1f} s = {n / s:.2f} images/s")
-        return n / s
+        return rate(f"single-purpose tools, {precision['value']}", lambda: tools.run(1, precision["value"]))
 
     def curate(shards: int) -> dict:
         r = curate_run(info, shards, out, heads, batch)
-        say(f"  curate ({shards} shards): {r['images']} images in {r['seconds']:.1f} s = "
-            f"{r['images_per_s']:.2f} images/s, peak RSS of the Ray processes {r['peak_rss_bytes'] / 2**30:.2f} GiB")
+        precision["value"] = r["precision"]
+        say(f"  curate ({shards} shards, {r['precision']}): {r['images']} images in {r['seconds']:.1f} s = "
+            f"{r['images_per_s']:.2f} images/s; driver +{r['driver_peak_over_idle_bytes'] / 2**20:.0f} MiB, Ray "
+            f"workers +{r['workers_peak_over_idle_bytes'] / 2**30:.2f} GiB over idle")
         return r
 
-    say(f"scoring: warm-up forward ({batch} images, {threads} torch thread(s))")
+    say(f"scoring: warm-up ({batch} images, {threads} torch threads in this process)")
     bare.run(1)
-    b = [bare_rate()]
+    warm = curate(one)  # also learns curate's default precision; its model load warms the page cache
+    bare.run(1, precision["value"])
+    measure_refs()
     c10 = [curate(ten)]
     sp = [tools_rate()]
+    measure_refs()
     c1 = curate(one)
-    b.append(bare_rate())
     c10.append(curate(ten))
     sp.append(tools_rate())
-    b.append(bare_rate())
+    measure_refs()
 
     rates10 = [r["images_per_s"] for r in c10]
-    eff = paired_ratios(rates10, b)
+    ratios = {k: paired_ratios(rates10, v) for k, v in refs.items()}  # c10[i] sits between v[i] and v[i + 1]
     speed = [c / s for c, s in zip(rates10, sp)]
-    peak10 = max(r["peak_rss_bytes"] for r in c10)
-    common = {"torch_threads": threads, "batch_size": batch, "model": f"open_clip {bdata.CLIP_MODEL}, random weights",
+    p = precision["value"]
+    common = {"torch_threads_reference": threads, "batch_size": batch, "curate_precision": p,
+              "model": f"open_clip {bdata.CLIP_MODEL}, random weights",
               "curate_runs_10x": [{k: (rnd(v) if isinstance(v, float) else v) for k, v in r.items()} for r in c10]}
+    rows10, rows1 = c10[0]["images"], c1["images"]
+    driver10 = max(r["driver_peak_over_idle_bytes"] for r in c10)
+    workers10 = max(r["workers_peak_over_idle_bytes"] for r in c10)
+    per_row = (workers10 - c1["workers_peak_over_idle_bytes"]) / max(1, rows10 - rows1)
     return {
+        "speedup_vs_fp32_bare": figure(
+            median(ratios["fp32_bare"]), 2.0, ratios=rnd(ratios["fp32_bare"], 4), curate_images_per_s=rnd(rates10),
+            reference_images_per_s=rnd(refs["fp32_bare"]),
+            what=f"curate end to end at its default precision ({p}) / the bare fp32 eager loop (encode_image + "
+                 "encode_text + 3 heads + similarity on preprocessed tensors and tokenized captions) with torch's "
+                 "default threads (every core), alternating", **common),
+        "node_efficiency": figure(
+            median(ratios["towers"]), 0.85, ratios=rnd(ratios["towers"], 4), curate_images_per_s=rnd(rates10),
+            reference_images_per_s=rnd(refs["towers"]),
+            what=f"curate end to end / the image and text towers alone at {p} on preprocessed tensors with every "
+                 "core: the node's model ceiling", **common),
         "scoring_efficiency": figure(
-            median(eff), 0.90, ratios=rnd(eff, 4),
-            curate_images_per_s=rnd(rates10), bare_models_images_per_s=rnd(b),
-            what="curate end-to-end images/s (all four scores) / bare models images/s (encode_image + "
-                 "encode_text + 3 heads on preprocessed tensors and tokenized captions, same model, batch size, "
-                 "torch threads), alternating bare, curate, bare",
-            included="run_curate() wall time: driver checks (model on the meta device, heads), planning, actor "
-                     "start and model load, read + decode + score, writer tasks, commit; Ray already running, "
-                     "no HTML report",
-            **common),
+            median(ratios["bare"]), 0.90, ratios=rnd(ratios["bare"], 4), curate_images_per_s=rnd(rates10),
+            reference_images_per_s=rnd(refs["bare"]),
+            what=f"curate end to end / the bare models at {p} (towers + 3 heads + similarity on preprocessed "
+                 "tensors) with every core", **common),
         "speedup_vs_single_purpose": figure(
             median(speed), 2.5, ratios=rnd(speed, 4), curate_images_per_s=rnd(rates10),
             single_purpose_images_per_s=rnd(sp),
-            what="curate images/s / a loop of four single-purpose tools (each opens, decodes and preprocesses "
-                 "the image with open_clip's preprocess and runs its own image forward; the similarity tool also "
-                 "tokenizes and encodes the caption); FLOP bound for ViT-B-32 about 2.8x",
-            **common),
+            what=f"curate images/s / four single-purpose tools at {p} with every core (each opens, decodes and "
+                 "preprocesses the image with open_clip's preprocess and runs its own image forward; the similarity "
+                 "tool also encodes the caption); FLOP bound for ViT-B-32 about 2.8x", **common),
         "memory_growth_10x": figure(
-            peak10 / c1["peak_rss_bytes"], 1.2, higher_is_better=False,
-            peak_rss_bytes_10x=[r["peak_rss_bytes"] for r in c10], peak_rss_bytes_1x=c1["peak_rss_bytes"],
-            images_10x=c10[0]["images"], images_1x=c1["images"], curate_run_1x={k: (rnd(v) if isinstance(v, float)
-                                                                               else v) for k, v in c1.items()},
-            what="peak RSS summed over every Ray process (GCS, raylet, agents, workers, actors; the driver counted "
-                 "for what it grows during the run), sampled twice a second from /proc, at 10x the data / at 1x; the larger "
-                 "of the two 10x runs"),
+            driver10 / max(1, c1["driver_peak_over_idle_bytes"]), 1.2, higher_is_better=False,
+            driver_peak_over_idle_bytes={"1x": c1["driver_peak_over_idle_bytes"], "10x": driver10},
+            workers_peak_over_idle_bytes={"1x": c1["workers_peak_over_idle_bytes"], "10x": workers10},
+            workers_bytes_per_row=round(per_row), images={"1x": rows1, "10x": rows10},
+            warm_up_run={k: (rnd(v) if isinstance(v, float) else v) for k, v in warm.items()},
+            what="the driver's peak RSS over its idle RSS at 10x the data / at 1x (the driver holds no model: "
+                 "its growth is per-row state); beside it the Ray workers' peak (summed RSS of every Ray process, "
+                 "shared pages counted per process) over the idle cluster's, and that increment's growth per row "
+                 "between 1x and 10x"),
     }

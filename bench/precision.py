@@ -1,0 +1,112 @@
+"""Reduced precision and compiled forwards: how far the scores move, and what compile buys.
+
+Deviation: the benchmark's images scored by one model and heads (one Scorer: the same weights)
+with the CLIP towers in fp32 and in bf16 (``torch.autocast``), in this process: the embeddings'
+cosine against fp32 (min, mean), the largest and mean absolute change of each score, and the
+fraction of rows whose keep/drop decision flips -- under the ``laion-aesthetics-5plus`` preset, and
+under the same rules with each threshold placed at its score's fp32 median (where the most rows
+sit near the cut: the worst case). The model and heads have random weights: the score changes
+say how much bf16 moves a ViT-B/32's output, not what a trained head makes of it.
+
+Compile: ``torch.compile`` of the image tower at the fixed forward size: the time to compile, the
+forward rate with and without, and whether it pays on a typical shard (10,000 images).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pyarrow as pa
+
+from bench import data as bdata
+from bench.measure import median, rnd, say
+
+SHARD_IMAGES = 10_000  # an img2dataset shard
+
+
+def _flips(a: dict, b: dict, rules: list[str]) -> float:
+    from shardsmith.filters.rules import RuleSet
+
+    rs = RuleSet.parse(rules)
+    def keep(s):
+        t = pa.table({k: pa.array(v.astype(np.float64)) for k, v in s.items() if k != "embedding"})
+        return rs.apply(t).status_code == 0
+    return float(np.mean(keep(a) != keep(b)))
+
+
+def run(info: dict, heads: dict, images: int, batch: int) -> dict:
+    import torch
+
+    from shardsmith.filters.clip import ClipSpec
+    from shardsmith.filters.presets import preset_rules
+    from shardsmith.filters.scorer import Scorer, ScorerSpec
+    from shardsmith.filters.scores import BUILTIN, HeadSpec
+    from shardsmith.pipelines.stages.decode import decode
+
+    jpegs, captions = [], []
+    for data, cap in bdata.iter_samples(info, max(1, -(-images // info["per_shard"]))):
+        jpegs.append(data)
+        captions.append(cap)
+    jpegs, captions = jpegs[:images], captions[:images]
+    spec = ScorerSpec(ClipSpec(bdata.CLIP_MODEL, None),
+                      {s.name: HeadSpec(s.arch, heads[s.option]) for s in BUILTIN.values() if s.arch})
+    scorer = Scorer(spec, device="cpu")
+    pixels = np.stack([decode(d, scorer.pixel_transform).pixels for d in jpegs])
+
+    def score(precision: str) -> dict:
+        scorer.embedder.precision = precision
+        return scorer.score(pixels, captions, fixed_batch=batch)
+
+    say(f"precision: {len(jpegs)} images scored in fp32 and in bf16")
+    a, b = score("fp32"), score("bf16")
+    cos = np.einsum("nd,nd->n", a["embedding"], b["embedding"])
+    names = [n for n in ("aesthetic", "pwatermark", "punsafe", "similarity") if n in a]
+    dev = {n: {"max_abs": round(float(np.max(np.abs(a[n] - b[n]))), 6),
+               "mean_abs": round(float(np.mean(np.abs(a[n] - b[n]))), 6)} for n in names}
+    preset = preset_rules("laion-aesthetics-5plus")
+    at_median = [f"{n} {'>=' if n == 'aesthetic' else '<'} {float(np.median(a[n])):.6g}"
+                 for n in ("aesthetic", "pwatermark", "punsafe")]
+    deviation = {
+        "images": len(jpegs), "embedding_cosine_vs_fp32": {"min": round(float(cos.min()), 6),
+                                                         "mean": round(float(cos.mean()), 6)},
+        "score_abs_diff_vs_fp32": dev,
+        "decision_flips": {"laion-aesthetics-5plus": _flips(a, b, preset), "thresholds_at_fp32_medians": _flips(
+            a, b, at_median), "rules_at_medians": at_median},
+        "note": "random-weight ViT-B-32 and random heads; the preset's thresholds may sit far from these random "
+                "scores (then no row is near a cut): the median thresholds are the worst case",
+    }
+    say(f"  bf16 vs fp32: min cosine {cos.min():.6f}, flips at the preset {deviation['decision_flips']['laion-aesthetics-5plus']:.4f}, "
+        f"at the medians {deviation['decision_flips']['thresholds_at_fp32_medians']:.4f}")
+
+    # compile: the image tower at the fixed forward size, bf16
+    x = scorer.embedder.pixels_to_tensor(pixels[:batch])
+    model = scorer.embedder.model
+
+    def forward_rate(fn, n: int = 3) -> float:
+        ts = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+                fn(x)
+            ts.append(time.perf_counter() - t0)
+        return batch / median(ts)
+
+    eager = forward_rate(model.encode_image)
+    compiled_fn = torch.compile(model.encode_image, dynamic=False)
+    t0 = time.perf_counter()
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        compiled_fn(x)
+    compile_s = time.perf_counter() - t0
+    compiled = forward_rate(compiled_fn)
+    eager_again = forward_rate(model.encode_image)
+    eager_mean = (eager + eager_again) / 2
+    saved_per_shard = SHARD_IMAGES / eager_mean - SHARD_IMAGES / compiled
+    say(f"  compile: {compile_s:.1f} s to compile; image tower {eager_mean:.1f} -> {compiled:.1f} images/s")
+    return {"precision_deviation": deviation,
+            "compile": {"compile_seconds": round(compile_s, 2), "eager_images_per_s": rnd([eager, eager_again], 2),
+                        "compiled_images_per_s": round(compiled, 2), "speedup": round(compiled / eager_mean, 3),
+                        "seconds_saved_per_10k_image_shard": round(saved_per_shard, 1),
+                        "pays_on_a_shard": bool(saved_per_shard > compile_s),
+                        "what": "image tower only, bf16 autocast, fixed batch; compile time includes the first "
+                                "compiled forward"}}
