@@ -25,8 +25,8 @@ FLAGS = ("phash_max_distance", "phash_bands", "semantic_min_cosine", "keep", "bu
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("paths", nargs="+", metavar="RUN [RUN ...] OUTPUT",
-                   help="one or more curate OUTPUT folders, then the output folder (fsspec URLs)")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="curate OUTPUT folders (fsspec URLs), earlier first")
+    p.add_argument("output", metavar="OUTPUT", help="the output folder (fsspec URL)")
     p.add_argument("--config", metavar="FILE", help="YAML config (DedupConfig keys); flags given here override it")
     p.add_argument("--methods", metavar="M,M", help="any of exact,phash,semantic (default all three)")
     p.add_argument("--phash-max-distance", type=int, metavar="T",
@@ -55,16 +55,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
-    from shardsmith.errors import ConfigError
     from shardsmith.pipelines.config.base import from_dict, load_config_file
     from shardsmith.pipelines.config.dedup import DedupConfig
 
     cfg = DedupConfig()
     if args.config:
         cfg = from_dict(DedupConfig, load_config_file(args.config), cfg, source=f"--config {args.config}")
-    if len(args.paths) < 2:
-        raise ConfigError("expected RUN [RUN ...] OUTPUT: at least one curate output and the output folder")
-    cfg.runs, cfg.output = list(args.paths[:-1]), args.paths[-1]
+    cfg.runs, cfg.output = list(args.runs), args.output
     for key in FLAGS:
         if getattr(args, key, None) is not None:
             setattr(cfg, key, getattr(args, key))
@@ -83,7 +80,6 @@ COMMITS_SHARDS = True
 def run(args: argparse.Namespace) -> int:
     from shardsmith.pipelines.flows.dedup import run_dedup
 
-    args.output = args.paths[-1]  # what Ctrl-C reports
     run_dedup(config_from_args(args))
     return 0
 

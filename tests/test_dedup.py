@@ -11,6 +11,7 @@ import itertools
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -287,8 +288,8 @@ def outputs(out) -> dict:
 
 
 def test_killed_dedup_resumes_to_identical_outputs(planted, tmp_path):
-    args = [sys.executable, "-m", "shardsmith.jobs.dedup", *planted["curated"], "--quiet", "--no-report",
-            "--semantic-min-cosine", "0.998", "--clusters", "8", "--block-rows", "8"]
+    args = [sys.executable, "-m", "shardsmith.jobs.dedup", "--quiet", "--no-report", "--semantic-min-cosine", "0.998",
+            "--clusters", "8", "--block-rows", "8", *planted["curated"]]
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "RAY_ADDRESS": ray_address()}
     clean = tmp_path / "clean"
@@ -327,10 +328,16 @@ def test_report_shows_example_groups(planted):
 
     out, stats = dedup(planted, "near-report", methods=["exact", "phash"])
     html = open(build_report(out)).read()
+    def shown(path):
+        return [int(v) for v in re.findall(rf'data-stat="{re.escape(path)}"[^>]*>(\d+)<', html)]
+
     for path in ("rows_read", "kept", "dropped", "groups"):
-        assert f'data-stat="{path}">{stats[path]}<' in html
+        assert shown(path) == [stats[path]], path
     for m in ("exact", "phash"):
-        assert f'data-stat="by_method/{m}/groups">{stats["by_method"][m]["groups"]}<' in html
+        assert shown(f"by_method/{m}/groups") == [stats["by_method"][m]["groups"]]
+        assert shown(f"dropped_by_reason/{m}") == [stats["dropped_by_reason"][m]]
+    for name, e in stats["shards"].items():
+        assert shown(f"shards/{name}/dropped") == [e["dropped"]]
     groups = html.count('data-group="')
     assert groups >= 2 and html.count("<img") >= 2 * groups
     assert 'badge" title="survivor"' in html and "phash:" in html and "exact: same bytes" in html
