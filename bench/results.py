@@ -17,6 +17,8 @@ TITLES = {
     "generation_efficiency": "generate / direct diffusers loop (images/s)",
     "metadata_filter_rows_per_s": "metadata curate / one pyarrow filter (rows/s)",
     "scale_out_2_nodes": "2 nodes x 1 CPU / 1 node x 1 CPU (steady images/s)",
+    "dedup_driver_memory_10x": "dedup driver peak RSS, 10x rows / 1x",
+    "dedup_semantic_recall": "clustered semantic search / exact all-pairs (pairs found)",
 }
 
 

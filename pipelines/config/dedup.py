@@ -38,6 +38,7 @@ class DedupConfig:
     overwrite: bool = False
     progress: bool = True
     report: bool = True
+    keep_work: bool = False  # keep OUTPUT/_work (the stages' files) after a complete run, for inspection
 
     def to_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "overwrite"}

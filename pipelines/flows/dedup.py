@@ -108,9 +108,8 @@ def run_dedup(cfg: DedupConfig, log=print) -> dict:
                 units = st.semantic_units(cfg.output, names, cfg.block_rows)
                 sem_files = [layout.path(work_file("sem", f"{n}.parquet")) for n in names]
                 stage("semantic", units, lambda todo: [
-                    block.remote(int(u.split(".")[1]), int(u.split(".")[2]), sem_files,
-                                                  cfg.semantic_min_cosine, cfg.block_rows, cfg.output) for u in todo])
-                pair_files += [layout.path(work_file("pairs", f"sem-{u[4:].replace('.', '-')}.parquet")) for u in units]
+                    block.remote(u, sem_files, cfg.semantic_min_cosine, cfg.block_rows, cfg.output) for u in todo])
+                pair_files += [layout.path(st.semantic_file(u)) for u in units]
             stage("matches", [f"best.{n}" for n in names], lambda todo: [
                 best.remote(by[u[5:]], pair_files, cfg.output) for u in todo])
         writer = ray.remote(num_cpus=0.5, max_retries=2)(sink.write_dedup_shard)
@@ -128,7 +127,8 @@ def run_dedup(cfg: DedupConfig, log=print) -> dict:
                       summary_title=f"\ndedup summary ({len(shards)} shards; kept = survivors, dropped = duplicates)",
                       summary_notes=[f"\noutputs in {cfg.output}: dedup/, curated/ (img2dataset layout), stats.json"],
                       after=report_after if cfg.report else None)
-    fsutil.remove(layout.path(WORK_DIR), recursive=True)  # every stage is committed: the work files are spent
+    if not cfg.keep_work:  # every stage is committed: the work files are spent
+        fsutil.remove(layout.path(WORK_DIR), recursive=True)
     return stats
 
 

@@ -36,10 +36,11 @@ def summary(run) -> str:
                      f'<div class="value">{stat_num(s.get(key, 0), key, id=f"count-{key}")}</div>'
                      + (f'<div class="pct">{_pct(s.get(key, 0), s["rows_read"])} of rows in</div>'
                         if key in ("kept", "dropped") else "") + "</div>")
-    th = s.get("thresholds", {})
-    note = (f"methods {esc(', '.join(s.get('methods', [])))}; pHash distance &le; {esc(th.get('phash_max_distance'))}, "
-            f"cosine &ge; {esc(th.get('semantic_min_cosine'))}; survivor: {esc(s.get('keep'))}. Rows in = the "
-            "RUNs' kept rows = survivors + duplicates.")
+    th, used = s.get("thresholds", {}), s.get("methods", [])
+    limits = ([f"pHash distance &le; {esc(th.get('phash_max_distance'))}"] if "phash" in used else []) + \
+        ([f"cosine &ge; {esc(th.get('semantic_min_cosine'))}"] if "semantic" in used else [])
+    note = (f"methods {esc(', '.join(used))}{'; ' if limits else ''}{', '.join(limits)}; survivor: "
+            f"{esc(s.get('keep'))}. Rows in = the RUNs' kept rows = survivors + duplicates.")
     methods = [[esc(m), stat_num(s.get("dropped_by_reason", {}).get(m, 0), f"dropped_by_reason/{m}"),
                 stat_num(v.get("groups", 0), f"by_method/{m}/groups")] for m, v in s.get("by_method", {}).items()]
     sizes = [[esc(k), stat_num(v, f"group_size_histogram/{k}")] for k, v in s.get("group_size_histogram", {}).items()]

@@ -214,6 +214,7 @@ def fingerprint_shard(src: DedupShard, methods: list[str], bands: int, buckets: 
         pick = np.repeat(np.arange(len(x)), p)
         sem = members.take(pa.array(pick, pa.int64())).append_column(
             "cluster", pa.array(nearest.reshape(-1).astype(np.int32))).append_column(
+            "probe", pa.array(np.tile(np.arange(p, dtype=np.int8), len(x)))).append_column(
             "emb", pa.FixedSizeListArray.from_arrays(pa.array(x[pick].astype(np.float16).reshape(-1)), x.shape[1]))
         sem = sem.sort_by([("cluster", "ascending"), ("gid", "ascending")])
         commit.parquet(work_file("sem", f"{src.name}.parquet"), sem, row_group_size=4096)
@@ -276,27 +277,27 @@ def _group_starts(*cols: np.ndarray) -> np.ndarray:
 def phash_group_best(ph: np.ndarray, order: np.ndarray, t: int, block: int) -> tuple[np.ndarray, np.ndarray]:
     """For rows with pHashes ``ph`` and rank ordinals ``order``: per row, the index of the best-ranked
     row whose pHash is within ``t`` bits (itself when none is better) and that distance. Identical
-    pHashes are one class; classes are compared ``block`` x ``block`` at a time."""
+    pHashes are one class; classes are compared ``block`` x ``block`` at a time, and only the few
+    pairs within ``t`` are looked at further."""
     u, inv = np.unique(ph, return_inverse=True)
     by = np.lexsort((order, inv))
     first = by[_group_starts(inv[by])]  # the best row of each class
     cbest = order[first]
-    nb = np.empty(len(u), np.int64)
-    nd = np.empty(len(u), np.int32)
+    best, arg, dist = cbest.copy(), np.arange(len(u)), np.zeros(len(u), np.int32)  # each class: itself
     for a in range(0, len(u), block):
-        best = np.full(min(block, len(u) - a), BIG, np.int64)
-        arg = np.zeros(len(best), np.int64)
-        dist = np.zeros(len(best), np.int32)
         for b in range(0, len(u), block):
             d = hamming(u[a:a + block, None], u[None, b:b + block])
-            cand = np.where(d <= t, cbest[None, b:b + block], BIG)
-            j = cand.argmin(1)
-            v = cand[np.arange(len(j)), j]
-            better = v < best
-            best[better], arg[better] = v[better], j[better] + b
-            dist[better] = d[np.arange(len(j)), j][better]
-        nb[a:a + len(best)], nd[a:a + len(best)] = first[arg], dist
-    return nb[inv], nd[inv]
+            r, c = np.nonzero(d <= t)
+            r, c = r + a, c + b
+            # per class r, its best-ranked neighbour class in this block (ties cannot happen: ranks differ)
+            pick = np.lexsort((cbest[c], r))
+            r, c = r[pick], c[pick]
+            keep = _group_starts(r) if len(r) else np.zeros(0, np.int64)
+            r, c = r[keep], c[keep]
+            better = cbest[c] < best[r]
+            r, c = r[better], c[better]
+            best[r], arg[r], dist[r] = cbest[c], c, d[r - a, c - b]
+    return first[arg][inv], dist[inv]
 
 
 def near_bucket(bucket: int, urls: list[str], max_distance: int, block: int, out_root: str) -> dict:
@@ -337,13 +338,40 @@ def near_bucket(bucket: int, urls: list[str], max_distance: int, block: int, out
 
 
 def semantic_units(out_root: str, names: list[str], block: int) -> list[str]:
-    """``sem.C.I`` for each block I of each cluster C with two rows or more: the cluster sizes are
-    the sum of every shard's counts (k integers held, whatever the rows)."""
+    """The semantic stage's units, from the cluster sizes (the sum of every shard's counts: k integers
+    held, whatever the rows): ``sem.C.I`` for each block I of a cluster C larger than ``block``, and
+    ``sem.A-B`` for a run of consecutive clusters A..B of at most ``block`` rows together."""
     total = None
     for n in names:
         c = np.load(io.BytesIO(fsutil.read_bytes(fsutil.join(out_root, work_file("sem", f"{n}.counts.npy")))))
         total = c if total is None else total + c
-    return [f"sem.{c:06d}.{i:04d}" for c in np.flatnonzero(total >= 2) for i in range(-(-int(total[c]) // block))]
+    units, lo, held = [], None, 0
+    for c in np.flatnonzero(total >= 2).tolist():
+        n = int(total[c])
+        if n > block:
+            units += [f"sem.{c:06d}.{i:04d}" for i in range(-(-n // block))]
+            continue
+        if lo is not None and held + n > block:
+            units.append(f"sem.{lo:06d}-{last:06d}")
+            lo, held = None, 0
+        lo, held, last = (c if lo is None else lo), held + n, c
+    if lo is not None:
+        units.append(f"sem.{lo:06d}-{last:06d}")
+    return units
+
+
+def semantic_unit(unit: str) -> tuple[int, int, int]:
+    """(first cluster, last cluster, block) of a unit name; block -1: a run of small clusters."""
+    if "-" in unit:
+        lo, hi = unit[4:].split("-")
+        return int(lo), int(hi), -1
+    c, i = unit[4:].split(".")
+    return int(c), int(c), int(i)
+
+
+def semantic_file(unit: str) -> str:
+    lo, hi, first = semantic_unit(unit)
+    return work_file("pairs", f"sem-{lo:06d}-{hi:06d}.parquet" if first < 0 else f"sem-{lo:06d}-b{first:04d}.parquet")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,7 +402,7 @@ def _block(parts: list[pa.Table]) -> tuple[pa.Table, np.ndarray]:
     t = pa.concat_tables(parts).combine_chunks()
     emb = t.column("emb").combine_chunks()
     x = emb.flatten().to_numpy(zero_copy_only=False).reshape(len(emb), -1).astype(np.float32)
-    return t.drop_columns(["emb", "cluster"]), x
+    return t.drop_columns(["emb", "cluster", "probe"]), x
 
 
 def _best_matches(hit: np.ndarray, sims: np.ndarray, o_rows: np.ndarray, o_cols: np.ndarray):
@@ -388,34 +416,63 @@ def _best_matches(hit: np.ndarray, sims: np.ndarray, o_rows: np.ndarray, o_cols:
     return rows[ok], j[ok], sims[rows[ok], j[ok]]
 
 
-def cluster_block(cluster: int, first: int, urls: list[str], min_cosine: float, block: int, out_root: str) -> dict:
-    """Stage sem.C.I: block ``first`` of a cluster against itself and every later block."""
-    commit = ShardCommit(out_root, f"sem.{cluster:06d}.{first:04d}")
-    found, compared = [], 0
-    mine = None
-    for j, (t, x) in enumerate(cluster_blocks(urls, cluster, block)):
-        if j < first:
-            continue
-        if mine is None:
-            mine = (t, x)
-        tx, xx = mine
-        order = ordinal(pa.concat_tables([tx, t]) if j > first else tx)
-        ox, oy = order[:tx.num_rows], order[tx.num_rows:] if j > first else order
-        sims = xx @ x.T
-        hit = sims >= np.float32(min_cosine)
-        if j == first:
-            np.fill_diagonal(hit, False)
-        r, c, s = _best_matches(hit, sims, ox, oy)
-        found.append(pointers(tx.take(pa.array(r)), t.take(pa.array(c)), SEMANTIC, similarity=s))
-        if j > first:
-            r, c, s = _best_matches(hit.T, sims.T, oy, ox)
-            found.append(pointers(t.take(pa.array(r)), tx.take(pa.array(c)), SEMANTIC, similarity=s))
-        compared += tx.num_rows * t.num_rows
+def _compare(tx: pa.Table, xx: np.ndarray, ty: pa.Table, xy: np.ndarray, same: bool, min_cosine: float):
+    """Pointers between two blocks (or a block and itself): per row, its best-ranked better match."""
+    order = ordinal(tx if same else pa.concat_tables([tx, ty]))
+    ox, oy = (order, order) if same else (order[:tx.num_rows], order[tx.num_rows:])
+    sims = xx @ xy.T
+    hit = sims >= np.float32(min_cosine)
+    if same:
+        np.fill_diagonal(hit, False)
+    r, c, s = _best_matches(hit, sims, ox, oy)
+    out = [pointers(tx.take(pa.array(r)), ty.take(pa.array(c)), SEMANTIC, similarity=s)]
+    if not same:
+        r, c, s = _best_matches(hit.T, sims.T, oy, ox)
+        out.append(pointers(ty.take(pa.array(r)), tx.take(pa.array(c)), SEMANTIC, similarity=s))
+    return out
+
+
+def cluster_block(unit: str, urls: list[str], min_cosine: float, block: int, out_root: str) -> dict:
+    """Stage sem.A-B: the clusters A..B, each all pairs in memory (together they fit one block); or
+    sem.C.I: block I of a larger cluster C against itself and every later block."""
+    lo, hi, first = semantic_unit(unit)
+    commit = ShardCommit(out_root, unit)
+    found, compared, n = [], 0, 0
+    if first < 0:
+        parts = [_read_filtered_range(u, lo, hi) for u in urls]
+        t = pa.concat_tables([p for p in parts if p.num_rows] or [_empty_sem()])
+        t = t.sort_by([("cluster", "ascending"), ("gid", "ascending")]) if t.num_rows else t
+        cl = t.column("cluster").to_numpy()
+        starts = _group_starts(cl) if len(cl) else np.zeros(0, np.int64)
+        for s, e in zip(starts, np.append(starts[1:], len(cl))):
+            tx, xx = _block([t.slice(s, e - s)])
+            found += _compare(tx, xx, tx, xx, True, min_cosine)
+            compared += int(e - s) ** 2
+            n += int(e - s)
+    else:
+        mine = None
+        for j, (ty, xy) in enumerate(cluster_blocks(urls, lo, block)):
+            if j < first:
+                continue
+            mine = mine or (ty, xy)
+            found += _compare(*mine, ty, xy, j == first, min_cosine)
+            compared += mine[0].num_rows * ty.num_rows
+        n = 0 if mine is None else mine[0].num_rows
     out = pa.concat_tables(found) if found else empty_pointers()
-    commit.parquet(work_file("pairs", f"sem-{cluster:06d}-{first:04d}.parquet"), out)
-    n = 0 if mine is None else mine[0].num_rows
-    return commit.commit({"rows_read": n, "kept": n, "dropped": 0, "errors": 0, "pairs_compared": compared,
+    commit.parquet(semantic_file(unit), out)
+    return commit.commit({"rows_read": n, "kept": n, "dropped": 0, "errors": 0, "pairs_compared": int(compared),
                           "pointers": out.num_rows})
+
+
+def _read_filtered_range(url: str, lo: int, hi: int) -> pa.Table:
+    with fsutil.open_file(url) as f:
+        return pq.read_table(f, filters=[("cluster", ">=", lo), ("cluster", "<=", hi)])
+
+
+def _empty_sem() -> pa.Table:
+    return pa.table({**{n: pa.array([], t) for n, t in RANK}, "cluster": pa.array([], pa.int32()),
+                     "probe": pa.array([], pa.int8()),
+                     "emb": pa.FixedSizeListArray.from_arrays(pa.array([], pa.float16()), 1)})
 
 
 # ---------------------------------------------------------------------------------------------
