@@ -82,27 +82,31 @@ def run_dedup(cfg: DedupConfig, log=print) -> dict:
         first[0] = False
         return run_job(run, execute, log)
 
-    fit, fingerprint, bucket, block, best = (ray.remote(num_cpus=1, max_retries=2)(f) for f in (
-        st.fit_centroids, st.fingerprint_shard, st.near_bucket, st.cluster_block, st.best_pointers))
+    fingerprint, bucket, block, best = (ray.remote(num_cpus=1, max_retries=2)(f) for f in (
+        st.fingerprint_shard, st.near_bucket, st.cluster_block, st.best_pointers))
     with ray_session(cfg.address):
+        from shardsmith.pipelines.core.resources import node_cpus
+
+        # k-means is one task: it takes a whole node (faiss's threads follow its CPUs)
+        fit = ray.remote(num_cpus=max(node_cpus() or [1.0]), max_retries=2)(st.fit_centroids)
         done = set(Ledger(layout).committed()) if not cfg.overwrite else set()
+        by = {s.name: s for s in shards}
         if not set(names) <= done:  # the output shards are not all committed: the stages before them
             log(f"dedup: {len(shards)} shard(s), {rows} row(s) from {len(cfg.runs)} RUN(s); methods "
                 f"{', '.join(cfg.methods)}; {buckets} bucket(s)" + (f", k = {k}" if "semantic" in cfg.methods else ""))
-            by = {s.name: s for s in shards}
             if "semantic" in cfg.methods:
                 sample = cfg.auto_sample(rows, k)
                 stage("kmeans", ["kmeans"], lambda todo: [fit.remote(
                     shards, k, sample, cfg.kmeans_iters, cfg.seed, cfg.output)])
             stage("fingerprints", [f"fp.{n}" for n in names], lambda todo: [
-                fingerprint.remote(by[u[3:]], cfg.methods, cfg.bands(), buckets, cfg.probes,
-                                                  cfg.keep == "first-run", cfg.output) for u in todo])
+                fingerprint.remote(by[u[3:]], cfg.methods, cfg.bands(), buckets, cfg.probes, cfg.keep == "first-run",
+                                   cfg.output) for u in todo])
             pair_files = []
             if near:
                 near_files = [layout.path(work_file("near", f"{n}.parquet")) for n in names]
                 stage("exact+phash", [f"near.{b:05d}" for b in range(buckets)], lambda todo: [
-                    bucket.remote(int(u[5:]), near_files, cfg.phash_max_distance, cfg.block_rows,
-                                                cfg.output) for u in todo])
+                    bucket.remote(int(u[5:]), near_files, cfg.phash_max_distance, cfg.block_rows, cfg.output)
+                    for u in todo])
                 pair_files += [layout.path(work_file("pairs", f"near-{b:05d}.parquet")) for b in range(buckets)]
             if "semantic" in cfg.methods:
                 units = st.semantic_units(cfg.output, names, cfg.block_rows)
@@ -113,7 +117,6 @@ def run_dedup(cfg: DedupConfig, log=print) -> dict:
             stage("matches", [f"best.{n}" for n in names], lambda todo: [
                 best.remote(by[u[5:]], pair_files, cfg.output) for u in todo])
         writer = ray.remote(num_cpus=0.5, max_retries=2)(sink.write_dedup_shard)
-        by = {s.name: s for s in shards}
 
         def extra_stats(stats: dict, layout, log) -> dict:
             return {"mode": "dedup", "methods": cfg.methods, "keep": cfg.keep,
