@@ -138,7 +138,8 @@ def semantic_recall(run: str, out: str, min_cosine: float, subset: int, seed: in
     embs = np.concatenate([e.astype(np.float32) for _, _, e in iter_embeddings(run)])
     embs /= np.linalg.norm(embs, axis=1, keepdims=True)
     rng = np.random.default_rng(seed)
-    # the subset holds whole planted pairs: rows at cosine >= c of some other row are all taken
+    # a random subset: it holds both rows of the planted pairs that fell in it (~4 % of them at 20,000
+    # of 100,000 rows) and any unplanted pair above the cosine
     pick = np.sort(rng.choice(len(embs), min(subset, len(embs)), replace=False))
     x = embs[pick]
     sims = x @ x.T
