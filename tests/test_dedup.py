@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import glob
 import io
-import itertools
 import json
 import math
 import os
@@ -350,8 +349,13 @@ def test_rows_are_checked_pairwise_for_phash_buckets():
 
     rng = np.random.default_rng(0)
     base = rng.integers(-2**63, 2**63 - 1, 40, dtype=np.int64)
-    flips = [np.bitwise_xor(base, np.int64(1) << rng.integers(0, 63, 40)) for _ in range(3)]
-    ph = np.concatenate([base, *flips, base[:5]])
+
+    def flip(values, bits):  # each value with ``bits`` distinct bits flipped
+        masks = [np.bitwise_or.reduce(np.left_shift(np.int64(1), rng.choice(64, bits, replace=False)))
+                 for _ in values]
+        return np.bitwise_xor(values, np.array(masks, dtype=np.int64))
+
+    ph = np.concatenate([base, flip(base, 1), flip(base, 3), flip(base, 4), base[:5]])  # 3 = the limit
     order = rng.permutation(len(ph))
     target, dist = phash_group_best(ph, order, 3, block=7)
     d = hamming(ph[:, None], ph[None, :])
@@ -359,4 +363,4 @@ def test_rows_are_checked_pairwise_for_phash_buckets():
         near = np.flatnonzero(d[i] <= 3)
         best = near[np.argmin(order[near])]
         assert target[i] == best and dist[i] == d[i, best]
-    assert len(set(itertools.chain(target.tolist()))) < len(ph)
+    assert (dist == 3).any() and len(set(target.tolist())) < len(ph)  # pairs at the limit were matched
