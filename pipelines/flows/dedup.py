@@ -3,7 +3,7 @@ duplicate of a better one.
 
     plan: the RUNs' curated shards (ledgers, manifests), row ids, buckets, k
     -> stages, each a run of the lifecycle whose units share the one ledger (stages/dedup.py):
-       kmeans -> fp.S -> near.B -> sem.C.I (planned from the cluster sizes) -> best.S
+       kmeans -> fp.S -> near.B -> sem.A-B / sem.C.I (planned from the cluster sizes) -> best.S
     -> the output shards S (sinks/dedup.py): dedup/, curated/; stats with the groups; the report
 """
 

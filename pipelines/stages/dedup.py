@@ -8,8 +8,10 @@ unit committed through ``ShardCommit`` under a stage-prefixed name in the run's 
                                    embedding with its ``probes`` nearest clusters, sorted by cluster
     near.B          (per bucket)   rows sharing a sha256 or a pHash band: per row, the best-ranked
                                    row within the threshold (pHashes compared in bounded blocks)
-    sem.C.I         (per block)    cluster C's rows I*block .. (I+1)*block against themselves and
-                                   every later block: per row, the best-ranked row with cosine >= c
+    sem.A-B         (per pack)     clusters A..B, small enough to fit one block together: all pairs
+    sem.C.I         (per block)    a larger cluster C: its rows I*block .. (I+1)*block against
+                                   themselves and every later block; per row, the best-ranked row
+                                   with cosine >= c
     best.S          (per shard)    per row of S, the best of what every bucket and block found
 
 A row's *rank* orders a group for its survivor: a lower ``prio`` first (``--keep first-run``: the
