@@ -20,6 +20,8 @@ TITLES = {
     "generation_speedup_bf16": "generate at bf16 / at fp32 (images/s)",
     "metadata_filter_rows_per_s": "metadata curate / one pyarrow filter (rows/s)",
     "scale_out_2_nodes": "2 nodes x 1 CPU / 1 node x 1 CPU (steady images/s)",
+    "dedup_driver_memory_10x": "dedup driver peak RSS, 10x rows / 1x",
+    "dedup_semantic_recall": "clustered semantic search / exact all-pairs (pairs found)",
 }
 
 

@@ -8,12 +8,13 @@ does, then measures, each side by side with its reference on the same data:
 2. generation_efficiency, generation_speedup_bf16                          (bench/generation.py)
 3. metadata_filter_rows_per_s                                              (bench/metadata_filter.py)
 4. scale_out_2_nodes, on its own pinned local clusters                     (bench/scaleout.py)
+5. dedup_driver_memory_10x, dedup_semantic_recall (+ rows/s per method)    (bench/dedup.py)
 
 plus ``--fast-decode``'s speed and deviation (bench/fast_decode.py) and bf16's deviation and
 ``torch.compile``'s gain (bench/precision.py). Writes ``bench/results.json`` and
 ``bench/results.md`` after every figure; exits 1 when a figure misses its target or fails.
 
-    python -m bench.run [--only scoring,generation,metadata,fast_decode,precision,scaleout] [--quick]
+    python -m bench.run [--only scoring,generation,metadata,fast_decode,precision,scaleout,dedup] [--quick]
     python -m bench.run --gpu     # the GPU plan (bench/gpu.py): skips, saying so, without CUDA
 
 ``--quick`` shrinks everything to check that the harness runs (its figures mean nothing).
@@ -37,11 +38,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # (~2 minutes) for its fixed costs (actor start and model load) to be a few percent.
 SIZES = {
     "default": {"shards": 10, "per_shard": 64, "meta_files": 4, "meta_rows": 1_000_000, "gen_images": 40,
-                "gen_direct": 6, "gen_steps": 12, "gen_size": 256, "scaleout_shards": 8, "fast_images": 64},
+                "gen_direct": 6, "gen_steps": 12, "gen_size": 256, "scaleout_shards": 8, "fast_images": 64,
+                "dedup_rows": 50_000, "dedup_dim": 64, "dedup_rate_rows": 100_000, "dedup_rate_dim": 768},
     "quick": {"shards": 2, "per_shard": 64, "meta_files": 2, "meta_rows": 100_000, "gen_images": 4,
-              "gen_direct": 2, "gen_steps": 2, "gen_size": 64, "scaleout_shards": 2, "fast_images": 64},
+              "gen_direct": 2, "gen_steps": 2, "gen_size": 64, "scaleout_shards": 2, "fast_images": 64,
+              "dedup_rows": 2_000, "dedup_dim": 32, "dedup_rate_rows": 4_000, "dedup_rate_dim": 64},
 }
-STEPS = ("scoring", "metadata", "generation", "fast_decode", "precision", "scaleout")
+STEPS = ("scoring", "metadata", "generation", "fast_decode", "precision", "scaleout", "dedup")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,10 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     results.doc["sizes"] = {"name": "quick" if args.quick else "default", **size}
     os.makedirs(args.work, exist_ok=True)
     say(f"inputs in {args.work} (built once, then reused)")
-    images = bdata.make_image_shards(os.path.join(args.work, f"images-{size['shards']}x{size['per_shard']}"),
-                                     size["shards"], size["per_shard"])
-    heads = bdata.make_heads(os.path.join(args.work, "heads"))
-    results.doc["dataset"]["images"] = images
+    images = heads = None
+    if set(steps) - {"dedup"}:  # dedup writes its own synthetic inputs
+        images = bdata.make_image_shards(os.path.join(args.work, f"images-{size['shards']}x{size['per_shard']}"),
+                                         size["shards"], size["per_shard"])
+        heads = bdata.make_heads(os.path.join(args.work, "heads"))
+        results.doc["dataset"]["images"] = images
     if "metadata" in steps:
         meta = bdata.make_metadata(os.path.join(args.work, f"meta-{size['meta_files']}x{size['meta_rows']}"),
                                    size["meta_files"], size["meta_rows"])
@@ -144,6 +149,12 @@ def main(argv: list[str] | None = None) -> int:
                     return {}
 
                 attempt("precision", pr)
+            if "dedup" in steps:
+                from bench import dedup
+
+                say("figures: dedup driver memory at 10x rows, semantic recall, rows/s per method")
+                attempt("dedup", lambda: dedup.run(args.work, size["dedup_rows"], size["dedup_dim"],
+                                                   size["dedup_rate_rows"], size["dedup_rate_dim"]))
     if "scaleout" in steps:
         from bench import scaleout
 

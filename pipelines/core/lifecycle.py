@@ -49,6 +49,10 @@ class RunSpec:
     summary_title: str = ""
     summary_notes: list[str] = field(default_factory=list)
     after: Callable[[str, Callable], None] | None = None  # e.g. the report: (output, log)
+    # False: an inner stage of a multi-stage job (dedup), whose units share the job's one ledger
+    # under stage-prefixed names: its stats are returned, but stats.json, the summary and the
+    # report are the last stage's
+    final: bool = True
 
 
 def run_job(spec: RunSpec, execute: Callable[[list[str]], None], log=print) -> dict:
@@ -77,6 +81,8 @@ def run_job(spec: RunSpec, execute: Callable[[list[str]], None], log=print) -> d
     if missing:
         raise RunError(f"{len(missing)} shard(s) were not committed: {', '.join(missing[:10])}; rerun to resume")
     stats = aggregate({n: entries[n] for n in spec.shards})
+    if not spec.final:
+        return stats
     if spec.extra_stats:
         stats.update(spec.extra_stats(stats, layout, log))
     stats["seconds_this_run"] = round(time.time() - t0, 3)

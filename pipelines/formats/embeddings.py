@@ -58,3 +58,37 @@ def iter_embeddings(output: str, shards: list[str] | None = None) -> Iterator[tu
     for shard in shards if shards is not None else embedding_shards(output):
         meta, emb = read_embeddings(output, shard)
         yield shard, meta, emb
+
+
+def _npy_header(f):
+    import numpy as np
+
+    major, _ = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read(f)
+    if fortran or len(shape) != 2:
+        raise ValueError(f"expected a C-order 2-D array, got shape {shape} (fortran order: {fortran})")
+    return shape, dtype
+
+
+def embedding_shape(output: str, shard: str) -> tuple[int, int]:
+    """(rows, dimension) of one shard's embeddings, from the .npy header alone."""
+    from shardsmith.pipelines.core import fs as fsutil
+
+    with fsutil.open_file(fsutil.join(output, embeddings_file(shard))) as f:
+        shape, _ = _npy_header(f)
+    return int(shape[0]), int(shape[1])
+
+
+def read_embedding_prefix(output: str, shard: str, count: int):
+    """The first ``count`` rows of one shard's embeddings (fp16 or as stored), reading only those
+    bytes: a sample for k-means without reading the whole file (a ranged read on object storage)."""
+    import numpy as np
+
+    from shardsmith.pipelines.core import fs as fsutil
+
+    with fsutil.open_file(fsutil.join(output, embeddings_file(shard))) as f:
+        shape, dtype = _npy_header(f)
+        count = max(0, min(int(count), int(shape[0])))
+        data = f.read(count * int(shape[1]) * dtype.itemsize)
+    return np.frombuffer(data, dtype=dtype).reshape(count, int(shape[1]))

@@ -130,6 +130,23 @@ def original_sizes_from_index(results: pa.Table, index: pa.Table | None) -> pa.T
     return results.set_column(results.column_names.index("original_height"), "original_height", pa.array(heights, ht))
 
 
+def sha256_from_index(results: pa.Table, index: pa.Table | None) -> pa.Table:
+    """Results whose key has a ``sha256`` in the index take it (img2dataset's own hash of the bytes
+    as downloaded, also where a download-time resize changed the stored bytes); the others keep
+    the hash decode computed of the stored bytes."""
+    if index is None or results.num_rows == 0 or "sha256" not in results.column_names \
+            or not {"key", "sha256"} <= set(index.column_names):
+        return results
+    known = {}
+    for k, h in zip(_strings(index, "key"), _strings(index, "sha256")):
+        if k is not None and h:
+            known.setdefault(k, h.lower())
+    if not known:
+        return results
+    hashes = [known.get(k, h) for k, h in zip(results.column("key").to_pylist(), results.column("sha256").to_pylist())]
+    return results.set_column(results.column_names.index("sha256"), "sha256", pa.array(hashes, pa.string()))
+
+
 def merge_index_rows(scores: pa.Table, index: pa.Table | None) -> pa.Table:
     """``scores`` (the tar's samples, decided) plus one row per index row that has no sample and
     whose status says why (``NO_SAMPLE_STATUSES``): ``skipped`` -> dropped with the recorded rule,

@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+import shardsmith.pipelines.report.dedup as dedup_report
 import shardsmith.pipelines.report.plots as plots
 from shardsmith.filters.rules import field_values
 from shardsmith.filters.scores import ScoreSet
@@ -454,7 +455,10 @@ def build_report(output: str, per_grid: int = PER_GRID, log=None) -> str:
     figs: dict[str, bytes] = {}
     sections: list[str] = []
     nav: list[tuple[str, str]] = []
-    if "rows_read" in run.stats and fsutil.exists(fsutil.join(output, "scores")):
+    if dedup_report.is_dedup(run) and "rows_read" in run.stats:
+        sections += [dedup_report.summary(run), _shards(run, dedup_report.DEDUP_COLUMNS), dedup_report.groups(run, _thumb_or_problem)]
+        nav += [("summary", "Summary"), ("shards", "Shards"), ("groups", "Example groups")]
+    elif "rows_read" in run.stats and fsutil.exists(fsutil.join(output, "scores")):
         scan = scan_scores(run, per_grid)
         sections += [_summary(run, scan), _funnel(run, figs), _shards(run), _distributions(run, scan, figs),
                      _samples(run, scan, per_grid)]

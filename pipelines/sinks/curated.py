@@ -20,18 +20,24 @@ from shardsmith.filters.rules import RuleSet
 from shardsmith.pipelines.core.commit import ShardCommit
 from shardsmith.pipelines.core.ledger import shard_stats
 from shardsmith.pipelines.formats.embeddings import embeddings_file, metadata_file
-from shardsmith.pipelines.formats.img2dataset import merge_index_rows, original_sizes_from_index, read_index_parquet
+from shardsmith.pipelines.formats.img2dataset import (
+    merge_index_rows,
+    original_sizes_from_index,
+    read_index_parquet,
+    sha256_from_index,
+)
 from shardsmith.pipelines.formats.inputs import InputShard
 from shardsmith.pipelines.formats.scores import scores_schema
 from shardsmith.pipelines.formats.tar import TarWriter, iter_tar_samples
 from shardsmith.pipelines.sinks.decide import decide
 
 
-def copy_samples(url: str, rows: set[int], tar: TarWriter) -> int:
-    """Copy the samples at ``rows`` of the tar at ``url`` into ``tar``, members untouched."""
+def copy_samples(url: str, rows: set[int] | None, tar: TarWriter, keys: set[str] | None = None) -> int:
+    """Copy the samples at ``rows`` (or with ``keys``) of the tar at ``url`` into ``tar``, members
+    untouched."""
     n = 0
     for sample in iter_tar_samples(url):
-        if sample.row in rows:
+        if (rows is not None and sample.row in rows) or (keys is not None and sample.key in keys):
             tar.copy_sample(sample)
             n += 1
     return n
@@ -59,7 +65,8 @@ def write_image_shard(shard: InputShard, results: pa.Table, rules: RuleSet, out_
     """Decide, write and commit one image shard; returns its ledger entry."""
     commit = ShardCommit(out_root, shard.name)
     index = read_index_parquet(shard.index_url) if shard.index_url else None
-    sampled = decide(original_sizes_from_index(results, index), rules, scores_schema(score_names))  # tar rows
+    results = sha256_from_index(original_sizes_from_index(results, index), index)
+    sampled = decide(results, rules, scores_schema(score_names))  # tar rows
     scores = merge_index_rows(sampled, index)
     stats = shard_stats(scores.column("status").to_pylist(), scores.column("reason").to_pylist())
     kept_rows = {r for r, s in zip(sampled.column("row").to_pylist(), sampled.column("status").to_pylist())

@@ -1,7 +1,8 @@
 """The columns that travel between the Ray stages of curate, declared once.
 
     read   -> SAMPLE:   shard, row, key, image, caption, url, error_kind, error, shard_rows
-    decode -> DECODED:  SAMPLE without image, with pixels, original_width, original_height, generated
+    decode -> DECODED:  SAMPLE without image, with pixels, original_width, original_height, generated,
+                        sha256, phash (the dedup fingerprints)
     score  -> SCORED:   DECODED without pixels, with one float32 column per score of the run (NaN:
                         not computed), node_id, scorer, and embedding (with --embeddings)
     driver -> results:  RESULT columns of a complete shard, sorted by row, handed to the writer
@@ -23,8 +24,8 @@ from shardsmith.pipelines.core.dispatch import SENTINEL
 SAMPLE = {"shard": object, "row": np.int64, "key": object, "image": object, "caption": object, "url": object,
           "error_kind": object, "error": object, "shard_rows": np.int64}
 DECODED = {**{k: v for k, v in SAMPLE.items() if k != "image"}, "pixels": np.uint8, "original_width": np.int64,
-           "original_height": np.int64, "generated": np.int8}
-TEXT_COLUMNS = ("key", "caption", "url", "error_kind", "error")
+           "original_height": np.int64, "generated": np.int8, "sha256": object, "phash": np.int64}
+TEXT_COLUMNS = ("key", "caption", "url", "error_kind", "error", "sha256")
 
 __all__ = ["SENTINEL", "SAMPLE", "DECODED", "TEXT_COLUMNS", "text", "text_columns", "sample_batch",
            "result_columns", "results_table"]
@@ -55,14 +56,14 @@ def sample_batch(rows: list[tuple]) -> dict:
 def result_columns(scores: list[str]) -> list[str]:
     """What the writer gets of each row of a shard."""
     return ["row", "key", "caption", "url", "error_kind", "error", *scores, "original_width", "original_height",
-            "generated"]
+            "generated", "sha256", "phash"]
 
 
 def _empty(scores: list[str]) -> pa.Table:
     return pa.table({"row": pa.array([], pa.int64()),
                      **{c: pa.array([], pa.string()) for c in TEXT_COLUMNS + ("node_id",)},
                      **{c: pa.array([], pa.float32()) for c in scores},
-                     **{c: pa.array([], pa.int64()) for c in ("original_width", "original_height")},
+                     **{c: pa.array([], pa.int64()) for c in ("original_width", "original_height", "phash")},
                      "generated": pa.array([], pa.int8())})
 
 
@@ -90,7 +91,11 @@ def results_table(t: pa.Table | None, scores: list[str], embed_dim: int
 
     for c in TEXT_COLUMNS:
         put(c, pa.array([text(v) for v in res.column(c).to_pylist()], pa.string()))
-    # -1 means "no size" (the image was not decoded), NaN "no score": both are nulls on disk
+    # -1 means "no size" (the image was not decoded), NaN "no score": both are nulls on disk; an
+    # image not decoded has no pHash either
+    if "phash" in res.column_names:
+        put("phash", pc.if_else(pc.less(res.column("original_width"), 0), pa.scalar(None, pa.int64()),
+                                res.column("phash")))
     for c in ("original_width", "original_height"):
         col = res.column(c)
         put(c, pc.if_else(pc.less(col, 0), pa.scalar(None, col.type), col))

@@ -1,7 +1,8 @@
 """The decode stage (CPU tasks): image bytes -> model pixels, every failure a specific error kind.
 
 Reads SAMPLE columns, writes DECODED ones (``stages/batch.py``): ``image`` is replaced by
-``pixels`` (the PIL half of the model's preprocess), ``original_width/height`` and ``generated``.
+``pixels`` (the PIL half of the model's preprocess), ``original_width/height``, ``generated``, and
+the dedup fingerprints ``sha256`` (of the bytes) and ``phash`` (64-bit pHash, ``filters/fingerprint.py``).
 Runs next to the reader; decoded full-size images never leave ``decode``, only the model-sized
 uint8 pixels do.
 """
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
+from shardsmith.filters.fingerprint import phash, sha256_hex
 from shardsmith.pipelines.stages.batch import SENTINEL, text, text_columns
 
 # EXIF orientations 5-8 swap width and height when displayed.
@@ -35,6 +37,7 @@ class Decoded:
     width: int  # original size as displayed (EXIF orientation applied)
     height: int
     generated: bool | None = None  # carries shardsmith's invisible watermark (when asked)
+    phash: int | None = None  # 64-bit pHash of the image as decoded (filters/fingerprint.py)
 
 
 def decode(data: bytes, pixel_transform, max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -84,6 +87,7 @@ def decode(data: bytes, pixel_transform, max_pixels: int = DEFAULT_MAX_PIXELS,
             if exif_transpose and orientation != 1:
                 img = ImageOps.exif_transpose(img)
             pixels = pixel_transform(img)
+            fingerprint = phash(img)
             generated = None
             if detect_generated:
                 from shardsmith.filters.watermark import detect
@@ -94,7 +98,7 @@ def decode(data: bytes, pixel_transform, max_pixels: int = DEFAULT_MAX_PIXELS,
                                           f"{w}x{h}, mode {img.mode}): {type(e).__name__}: {e}") from e
     if orientation in _SWAPPING_ORIENTATIONS:
         w, h = h, w
-    return Decoded(pixels=pixels, width=w, height=h, generated=generated)
+    return Decoded(pixels=pixels, width=w, height=h, generated=generated, phash=fingerprint)
 
 
 def decode_batch(batch: dict, pixel_transform, image_size: tuple[int, int], max_pixels: int,
@@ -109,16 +113,22 @@ def decode_batch(batch: dict, pixel_transform, image_size: tuple[int, int], max_
     width = np.full(n, -1, dtype=np.int64)
     height = np.full(n, -1, dtype=np.int64)
     generated = np.full(n, -1, dtype=np.int8)  # -1 = not known
+    # dedup fingerprints: sha256 of every image member's bytes, pHash of every decoded image (0
+    # where not decoded: results_table makes it null with the size)
+    sha256 = np.array([None] * n, dtype=object)
+    phashes = np.zeros(n, dtype=np.int64)
     kinds = list(batch["error_kind"])
     errors = list(batch["error"])
 
     def one(i: int) -> None:
+        if batch["image"][i]:
+            sha256[i] = sha256_hex(batch["image"][i])
         try:
             d = decode(batch["image"][i], pixel_transform, max_pixels, exif_transpose, detect_generated, draft_size)
         except DecodeError as e:
             kinds[i], errors[i] = e.kind, e.message
             return
-        pixels[i], width[i], height[i] = d.pixels, d.width, d.height
+        pixels[i], width[i], height[i], phashes[i] = d.pixels, d.width, d.height, d.phash
         if d.generated is not None:
             generated[i] = int(d.generated)
 
@@ -130,5 +140,5 @@ def decode_batch(batch: dict, pixel_transform, image_size: tuple[int, int], max_
         list(pool.map(one, todo))
     out = {k: v for k, v in batch.items() if k != "image"}
     out.update(pixels=pixels, original_width=width, original_height=height, generated=generated,
-               error_kind=np.array(kinds, dtype=object), error=np.array(errors, dtype=object))
+               sha256=sha256, phash=phashes, error_kind=np.array(kinds, dtype=object), error=np.array(errors, dtype=object))
     return text_columns(out)
