@@ -107,6 +107,7 @@ def small_sample_reference(tmp_path_factory, tiny_models) -> dict:
     import json
 
     from conftest import curate_config
+    from shardsmith.pipelines.config import CurateConfig
 
     from shardsmith.jobs.sample_data import make_sample_data
     from shardsmith.pipelines.flows.curate import run_curate
@@ -118,7 +119,10 @@ def small_sample_reference(tmp_path_factory, tiny_models) -> dict:
     sample = make_sample_data(str(base / "sample"), shards=2, per_shard=20, metadata_files=1, metadata_rows=100,
                               max_size=200)
     out = base / "local-run"
-    stats = run_curate(curate_config(sample["images"], out, tiny_models), log=lambda *a: None)
+    # at curate's default precision, as the CLI runs it is compared with (bf16 on this CPU: a
+    # fixed precision on one kind of CPU gives the same bits on every node)
+    stats = run_curate(curate_config(sample["images"], out, tiny_models, precision=CurateConfig.precision),
+                       log=lambda *a: None)
     ref = {"sample": sample, "output": str(out), "stats": stats}
     done.write_text(json.dumps(ref))
     return ref

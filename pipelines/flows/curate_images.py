@@ -1,8 +1,10 @@
 """curate's images dataflow on Ray Data (images mode, and urls mode after the download):
 
-    shards -> read + decode (CPU tasks: tar stream -> samples -> model pixels, batch by batch;
-              urls mode: download, then read the downloaded tar, then decode)
-           -> score (actor pool: one CLIP image forward + heads + caption similarity)
+    shards -> read (CPU tasks: tar stream -> batches of samples, a forward's worth each;
+              urls mode: download, then read the downloaded tar)
+           -> score (actor pool: on CPU each actor decodes its batch in a thread pool, then one
+              CLIP image forward + heads + caption similarity; on GPU decode is a CPU task stage
+              before it)
            -> driver: gather a shard's rows -> write (CPU task: rules, scores parquet,
               curated tar + parquet, embeddings, ledger commit; sinks/curated.py)
 """
@@ -14,6 +16,24 @@ import pyarrow as pa
 from shardsmith.pipelines.config import CurateConfig
 from shardsmith.pipelines.core import fs as fsutil
 from shardsmith.pipelines.formats.inputs import InputShard
+
+ACTORS_START_S = 600  # the CPU pool waits this long for all its actors before the blocks flow
+
+
+def cpu_pool_context(ctx) -> None:
+    """Ray Data settings for a CPU pool whose actors decode: the blocks flow once every actor is
+    up, each actor holds one block at a time, and an idle actor is chosen without regard to where
+    the block lies. Otherwise the first actor up queues blocks (up to 4 deep) while the others idle,
+    and the locality preference sends small blocks - inlined into the driver's memory, so "on" the
+    head node - to the head node's actor whenever it is free: on 2 loopback nodes one actor scored
+    both shards. A block is a forward batch of encoded samples (small to move; moving it costs
+    milliseconds against seconds of decode and forwards)."""
+    import warnings
+
+    ctx.wait_for_min_actors_s = ACTORS_START_S
+    with warnings.catch_warnings():  # deprecated in Ray 2.60 ("Ray Data manages locality"), still honoured
+        warnings.simplefilter("ignore")
+        ctx.execution_options.actor_locality_enabled = False
 
 
 def build_dataset(shards: list[InputShard], cfg: CurateConfig, spec, pixel_transform, image_size: tuple[int, int],
@@ -30,6 +50,8 @@ def build_dataset(shards: list[InputShard], cfg: CurateConfig, spec, pixel_trans
                                                   read_shard_rows, read_tasks, sample_block_bytes)
     from shardsmith.pipelines.stages.score import ScoreStage
 
+    if plan.decode_in_actor:  # (a Dataset keeps the context it was made in: set before it is made)
+        cpu_pool_context(ray.data.DataContext.get_current())
     items = [{"shard": s.name, "url": s.url} for s in shards]
     decode_kwargs = {"pixel_transform": pixel_transform, "image_size": image_size,
                      "max_pixels": cfg.max_image_pixels, "exif_transpose": cfg.exif_transpose,
@@ -62,7 +84,9 @@ def build_dataset(shards: list[InputShard], cfg: CurateConfig, spec, pixel_trans
                              decode_kwargs if plan.decode_in_actor else None),
         # Start the whole pool at once: Ray Data spreads the actors over the nodes, and a pool that
         # starts at one actor only grows under backpressure, which a small run never builds.
-        compute=ActorPoolStrategy(min_size=1, max_size=plan.num_actors, initial_size=plan.num_actors),
+        # On CPU one block in flight per actor (see cpu_pool_context).
+        compute=ActorPoolStrategy(min_size=1, max_size=plan.num_actors, initial_size=plan.num_actors,
+                                  max_tasks_in_flight_per_actor=1 if plan.decode_in_actor else None),
         # On CPU, one read batch per call (whole blocks: a forward batch of samples plus the rows
         # that need none), so that no forward is padded but the last; Ray Data refuses whole
         # blocks for GPU stages, where a padded forward also costs far less.

@@ -1,6 +1,7 @@
 """The columns that travel between the Ray stages of curate, declared once.
 
-    read   -> SAMPLE:   shard, row, key, image, caption, url, error_kind, error, shard_rows
+    read   -> SAMPLE:   shard, row, key, image, caption, url, error_kind, error, shard_rows, and
+                        read_node (the Ray node that read the rows)
     decode -> DECODED:  SAMPLE without image, with pixels, original_width, original_height, generated,
                         sha256, phash (the dedup fingerprints)
     score  -> SCORED:   DECODED without pixels, with one float32 column per score of the run (NaN:
@@ -48,9 +49,13 @@ def text_columns(batch: dict) -> dict:
 
 def sample_batch(rows: list[tuple]) -> dict:
     """Rows of SAMPLE values, in SAMPLE's column order -> a batch. ``shard_rows`` is the shard's
-    sample count on its sentinel row, -1 elsewhere."""
+    sample count on its sentinel row, -1 elsewhere; ``read_node`` is filled in here."""
+    from shardsmith.pipelines.core.resources import node_id
+
     cols = list(zip(*rows))
-    return {name: np.array(cols[i], dtype=dtype) for i, (name, dtype) in enumerate(SAMPLE.items())}
+    batch = {name: np.array(cols[i], dtype=dtype) for i, (name, dtype) in enumerate(SAMPLE.items())}
+    batch["read_node"] = np.array([node_id()] * len(rows), dtype=object)
+    return batch
 
 
 def result_columns(scores: list[str]) -> list[str]:
@@ -67,7 +72,8 @@ def _empty(scores: list[str]) -> pa.Table:
                      "generated": pa.array([], pa.int8())})
 
 
-PROVENANCE = {"node_id": "node_ids", "scorer": "scored_by", "precision": "precision"}  # column -> ledger key
+# column -> ledger key: node_ids are the nodes that read or scored the shard's rows
+PROVENANCE = {"read_node": "node_ids", "node_id": "node_ids", "scorer": "scored_by", "precision": "precision"}
 
 
 def results_table(t: pa.Table | None, scores: list[str], embed_dim: int
@@ -81,8 +87,10 @@ def results_table(t: pa.Table | None, scores: list[str], embed_dim: int
         emb = np.stack(t.column("embedding").to_numpy(zero_copy_only=False))
     elif t.num_rows == 0:
         emb = np.zeros((0, embed_dim), np.float16)
-    provenance = {key: sorted({v for v in t.column(col).to_pylist() if text(v)}) if col in t.column_names else []
-                  for col, key in PROVENANCE.items()}
+    provenance: dict[str, list[str]] = {}
+    for col, key in PROVENANCE.items():
+        values = {v for v in t.column(col).to_pylist() if text(v)} if col in t.column_names else set()
+        provenance[key] = sorted(set(provenance.get(key, [])) | values)
     res = t.select([c for c in result_columns(scores) if c in t.column_names])
 
     def put(name, col):
