@@ -16,6 +16,8 @@ COMMANDS = {
     "curate": ("shardsmith.jobs.curate", "score and filter a LAION-style dataset (webdataset shards or metadata parquet)"),
     "download": ("shardsmith.jobs.download",
                  "fetch LAION metadata's URLs into img2dataset-layout shards (curate --mode urls scores too)"),
+    "recurate": ("shardsmith.jobs.recurate", "a new selection from a finished run's scores and embeddings: new rules, "
+                 "new heads, no image decoded"),
     "report": ("shardsmith.jobs.report", "write OUTPUT/report.html: funnel, score histograms with thresholds, sample grids"),
     "inspect": ("shardsmith.jobs.inspect", "print a shard's samples and scores as a table; write one sample's image out"),
     "sample-data": ("shardsmith.jobs.sample_data", "write a deterministic LAION-style sample dataset"),

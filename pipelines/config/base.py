@@ -93,3 +93,34 @@ def load_config_file(url: str) -> dict:
     except yaml.YAMLError as e:
         raise ConfigError(f"--config {url}: not valid YAML: {e}") from e
     return data or {}
+
+
+def set_key(cfg, key: str, value) -> None:
+    """Set ``key`` of ``cfg`` (``"a.b"``: field b of the nested dataclass a, copied first),
+    type-checked as a config file's value would be."""
+    head, _, rest = key.partition(".")
+    if rest:
+        sub = dataclasses.replace(getattr(cfg, head))
+        set_key(sub, rest, value)
+        setattr(cfg, head, sub)
+        return
+    setattr(cfg, head, check_type(key, value, typing.get_type_hints(type(cfg))[head]))
+
+
+def config_from_args(cls, args, flags: dict, base=None):
+    """The ``cls`` config of parsed CLI ``args``: ``base`` (or the defaults), then the keys of the
+    ``--config`` file (``args.config``), then every flag given -- a flag whose value is ``None``
+    (argparse's default) was not given, so the file's value or the default stays. ``flags`` maps a
+    flag's dest to its key (``"defaults.seed"`` for a nested one), or to ``(key, fn)`` for a flag
+    whose value is transformed (``"quiet": ("progress", lambda v: not v)``)."""
+    cfg = dataclasses.replace(base) if base is not None else cls()
+    path = getattr(args, "config", None)
+    if path:
+        cfg = from_dict(cls, load_config_file(path), base=cfg, source=f"--config {path}")
+    for dest, target in flags.items():
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        key, fn = target if isinstance(target, tuple) else (target, None)
+        set_key(cfg, key, fn(value) if fn else value)
+    return cfg

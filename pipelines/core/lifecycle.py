@@ -47,6 +47,7 @@ class RunSpec:
     summary_title: str = ""
     summary_notes: list[str] = field(default_factory=list)
     after: Callable[[str, Callable], None] | None = None  # e.g. the report: (output, log)
+    parent: dict | None = None  # the run this one derives from (recurate: RUN's path, fingerprint), in the manifest
 
 
 def run_job(spec: RunSpec, execute: Callable[[list[str]], None], log=print) -> dict:
@@ -56,7 +57,7 @@ def run_job(spec: RunSpec, execute: Callable[[list[str]], None], log=print) -> d
 
     layout = OutputLayout(spec.output)
     manifest = open_run(layout, f"shardsmith {spec.tool}", spec.fingerprint, spec.config, spec.models, spec.inputs,
-                        spec.overwrite, COMMON_PARTS + tuple(spec.parts))
+                        spec.overwrite, COMMON_PARTS + tuple(spec.parts), parent=spec.parent)
     ledger = Ledger(layout)
     ledger.clean_tmp()
     committed = ledger.committed()
