@@ -62,11 +62,15 @@ def from_dict(cls, data, base=None, source: str = "config"):
         raise ConfigError(f"{source}: expected a mapping of keys to values, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
+    values = {}
     for key, value in data.items():
         if key not in names:
             raise ConfigError(f"{source}: unknown key {key!r}; known keys: {', '.join(sorted(names))}")
-        setattr(cfg, key, check_type(key, value, hints[key]))
-    return cfg
+        try:
+            values[key] = check_type(key, value, hints[key])
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from e
+    return dataclasses.replace(cfg, **values) if values else cfg
 
 
 def to_dict(cfg) -> dict:
@@ -95,16 +99,15 @@ def load_config_file(url: str) -> dict:
     return data or {}
 
 
-def set_key(cfg, key: str, value) -> None:
-    """Set ``key`` of ``cfg`` (``"a.b"``: field b of the nested dataclass a, copied first),
-    type-checked as a config file's value would be."""
+def with_key(cfg, key: str, value):
+    """A copy of ``cfg`` with ``key`` set (``"a.b"``: field b of the nested dataclass a, which may
+    be frozen), type-checked as a config file's value would be."""
     head, _, rest = key.partition(".")
     if rest:
-        sub = dataclasses.replace(getattr(cfg, head))
-        set_key(sub, rest, value)
-        setattr(cfg, head, sub)
-        return
-    setattr(cfg, head, check_type(key, value, typing.get_type_hints(type(cfg))[head]))
+        value = with_key(getattr(cfg, head), rest, value)
+    else:
+        value = check_type(key, value, typing.get_type_hints(type(cfg))[head])
+    return dataclasses.replace(cfg, **{head: value})
 
 
 def config_from_args(cls, args, flags: dict, base=None):
@@ -122,5 +125,5 @@ def config_from_args(cls, args, flags: dict, base=None):
         if value is None:
             continue
         key, fn = target if isinstance(target, tuple) else (target, None)
-        set_key(cfg, key, fn(value) if fn else value)
+        cfg = with_key(cfg, key, fn(value) if fn else value)
     return cfg
