@@ -112,7 +112,7 @@ def run_recurate(cfg: RecurateConfig, log=print) -> dict:
             dispatcher.submit(task.remote(by_name[name], cfg.run, cfg.output, rules, scores.names, specs, emb_src,
                                           int(models.get("embed_dim") or 0)), tag=0)
         dispatcher.drain(poll_every=1.0)
-        progress.update(force=True)
+        progress.close()
 
     def extra_stats(stats: dict, layout, log) -> dict:
         return {"duplicate_keys_across_shards": duplicate_keys_across_shards(cfg.output, names), "mode": mode,
