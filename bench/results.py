@@ -17,6 +17,8 @@ TITLES = {
     "generation_efficiency": "generate / direct diffusers loop (images/s)",
     "metadata_filter_rows_per_s": "metadata curate / one pyarrow filter (rows/s)",
     "scale_out_2_nodes": "2 nodes x 1 CPU / 1 node x 1 CPU (steady images/s)",
+    "recurate_rows_per_s": "recurate (new rule + new head, stored embeddings) / the curate it re-decides (rows/s)",
+    "cli_help_seconds": "slowest `shardsmith [SUBCOMMAND] --help`, median wall seconds as a new process",
 }
 
 
@@ -89,6 +91,10 @@ def _pair(f: dict) -> str:
     for k in keys[:2]:
         v = f[k]
         out.append(f"{k}: {v}")
+    if "median_seconds" in f:
+        out.append(f"slowest: {f['slowest']}; `python -c pass`: {f['python_start_seconds']} s")
+    if "curate_rows_per_s" in f and not isinstance(f["curate_rows_per_s"], list):
+        out.append(f"curate_rows_per_s: {f['curate_rows_per_s']}")
     if "peak_rss_bytes_1x" in f:
         out.append(f"peak 10x: {[round(b / 2**30, 2) for b in f['peak_rss_bytes_10x']]} GiB, "
                    f"1x: {round(f['peak_rss_bytes_1x'] / 2**30, 2)} GiB")

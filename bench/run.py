@@ -8,10 +8,13 @@ does, then measures, each side by side with its reference on the same data:
 5. metadata_filter_rows_per_s                                              (bench/metadata_filter.py)
 6. scale_out_2_nodes, on its own pinned local clusters                     (bench/scaleout.py)
 
+7. recurate_rows_per_s: recurate vs the curate run it re-decides        (bench/recurate.py)
+8. cli_help_seconds: ``shardsmith [SUBCOMMAND] --help`` as a new process  (bench/cli_help.py)
+
 plus ``--fast-decode``'s speed and deviation (bench/fast_decode.py). Writes ``bench/results.json``
 and ``bench/results.md`` after every figure; exits 1 when a figure misses its target or fails.
 
-    python -m bench.run [--only scoring,generation,metadata,fast_decode,scaleout] [--quick]
+    python -m bench.run [--only scoring,generation,metadata,fast_decode,scaleout,recurate,cli] [--quick]
 
 ``--quick`` shrinks everything to check that the harness runs (its figures mean nothing).
 """
@@ -38,7 +41,7 @@ SIZES = {
     "quick": {"shards": 2, "per_shard": 64, "meta_files": 2, "meta_rows": 100_000, "gen_images": 4,
               "gen_direct": 2, "gen_steps": 2, "gen_size": 64, "scaleout_shards": 2, "fast_images": 64},
 }
-STEPS = ("scoring", "metadata", "generation", "fast_decode", "scaleout")
+STEPS = ("cli", "scoring", "metadata", "generation", "fast_decode", "recurate", "scaleout")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,7 +87,12 @@ def main(argv: list[str] | None = None) -> int:
             results.save()
             say(f"{name}: FAILED\n{traceback.format_exc()}")
 
-    local = [s for s in steps if s != "scaleout"]
+    if "cli" in steps:
+        from bench import cli_help
+
+        say("figure 8: shardsmith --help and every subcommand's --help, as new processes")
+        attempt("cli", lambda: cli_help.run(3 if args.quick else 7))
+    local = [s for s in steps if s not in ("scaleout", "cli")]
     if local:
         from shardsmith.pipelines.core.resources import node_cpus, plan_resources, ray_session
 
@@ -126,6 +134,11 @@ def main(argv: list[str] | None = None) -> int:
                     return {}
 
                 attempt("fast_decode", fd)
+            if "recurate" in steps:
+                from bench import recurate
+
+                say("figure 7: recurate (new threshold + new head from the stored embeddings) vs curate")
+                attempt("recurate", lambda: recurate.run(images, heads, args.work, batch, repeats=3))
     if "scaleout" in steps:
         from bench import scaleout
 
