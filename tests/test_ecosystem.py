@@ -83,16 +83,46 @@ def test_webdataset_with_a_multi_worker_dataloader(outputs, which):
         assert seen == kept  # the caption a trainer reads is the one the scores were computed with
 
 
+def _image_exts(tars) -> set[str]:
+    import tarfile
+
+    exts = set()
+    for t in tars:
+        with tarfile.open(t) as tar:
+            exts |= {m.name.rsplit(".", 1)[-1] for m in tar.getmembers()} & IMAGE_EXTS
+    return exts
+
+
+def hf_features(exts):
+    """What ``load_dataset("webdataset")`` cannot infer from shards whose samples differ in image
+    type (it looks at the first 5 samples and wants one set of extensions): the README's recipe."""
+    import datasets
+
+    return datasets.Features({**{e: datasets.Image() for e in sorted(exts)}, "txt": datasets.Value("string"),
+                              "json": datasets.Json(), "__key__": datasets.Value("string"),
+                              "__url__": datasets.Value("string")})
+
+
 @pytest.mark.parametrize("which", SHARDS)
 def test_huggingface_datasets_webdataset_loader(outputs, which, tmp_path):
     import datasets
 
     tars, kept = _kept(outputs, which)
-    ds = datasets.load_dataset("webdataset", data_files={"train": tars}, split="train",
-                               cache_dir=str(tmp_path / "hf-cache"))
+    exts = _image_exts(tars)
+
+    def load(**kw):
+        return datasets.load_dataset("webdataset", data_files={"train": tars}, split="train",
+                                     cache_dir=str(tmp_path / "hf-cache"), **kw)
+
+    if len(exts) == 1:  # one image type (img2dataset's usual): the loader infers everything
+        ds = load()
+    else:  # this sample mixes jpg, png and webp, copied as they came: the loader needs the features
+        with pytest.raises(ValueError, match="don't share the same prefix or the same types"):
+            load()
+        ds = load(features=hf_features(exts))
     assert ds.num_rows == len(kept) and sorted(ds["__key__"]) == sorted(kept)
     columns = set(ds.column_names) - {"__key__", "__url__"}
-    assert {"txt", "json"} <= columns and columns - {"txt", "json"} <= IMAGE_EXTS
+    assert columns == exts | {"txt", "json"}
     for row in ds:
         present = {c for c in columns if row[c] is not None}
         images = present & IMAGE_EXTS
