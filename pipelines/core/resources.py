@@ -79,8 +79,11 @@ def spend_actor_restart_warning() -> None:
 
     _RESTART_WARNING_SPENT = True
     ref = ray.put(0)
+    # a resource no node has: the actor is never scheduled (no worker starts), and it is removed
+    # before Ray would call it infeasible
     with _stderr_to_devnull():
-        actor = ray.remote(num_cpus=0, max_restarts=1)(_Spent).remote(ref)
+        actor = ray.remote(num_cpus=0, max_restarts=1, resources={"shardsmith_never_scheduled": 1})(_Spent)
+        actor = actor.remote(ref)
     ray.kill(actor, no_restart=True)
 
 
