@@ -29,7 +29,7 @@ def new_head(work: str) -> str:
     return path
 
 
-def run(info: dict, heads: dict, work: str, batch: int, repeats: int = 3) -> dict:
+def run(info: dict, heads: dict, work: str, batch: int, repeats: int = 5) -> dict:
     from shardsmith.pipelines.config import CurateConfig
     from shardsmith.pipelines.config.recurate import RecurateConfig
     from shardsmith.pipelines.flows.curate import run_curate
@@ -48,11 +48,20 @@ def run(info: dict, heads: dict, work: str, batch: int, repeats: int = 3) -> dic
     curate_rate = rows / curate_s
     say(f"  curate: {rows} rows in {curate_s:.1f} s = {curate_rate:.2f} rows/s")
     head = {"pnew": {"arch": "linear", "weights": new_head(work)}}
+    # a threshold that keeps about half (the random heads' scale is arbitrary): the kept samples are copied
+    import glob
+
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    aes = np.concatenate([pq.read_table(f, columns=["aesthetic"]).column("aesthetic").to_numpy(zero_copy_only=False)
+                          for f in sorted(glob.glob(os.path.join(run_dir, "scores", "*.parquet")))])
+    threshold = float(np.nanmedian(aes))
     rates, seconds = [], []
     for i in range(repeats):
         out = os.path.join(work, f"recurate-out-{i}")
         shutil.rmtree(out, ignore_errors=True)
-        rc = RecurateConfig(run=run_dir, output=out, rules=["aesthetic >= 0.1", "pwatermark < 0.5"], heads=head,
+        rc = RecurateConfig(run=run_dir, output=out, rules=[f"aesthetic >= {threshold:.6g}", "pwatermark < 0.9"], heads=head,
                             report=False, progress=False)
         t0 = time.perf_counter()
         rs = run_recurate(rc, **quiet)
@@ -66,7 +75,7 @@ def run(info: dict, heads: dict, work: str, batch: int, repeats: int = 3) -> dic
     value = median(rates) / curate_rate
     return {"recurate_rows_per_s": figure(
         value, 10.0, rows_per_s=round(median(rates), 1), recurate_rows_per_s=rnd(rates, 1),
-        recurate_seconds=rnd(seconds, 2), curate_rows_per_s=round(curate_rate, 3), curate_seconds=round(curate_s, 1),
+        recurate_seconds=rnd(seconds, 2), threshold=threshold, curate_rows_per_s=round(curate_rate, 3), curate_seconds=round(curate_s, 1),
         rows=rows, shards=info["shards"],
         what="value = recurate rows/s (median of the runs) / the curate rows/s of the run it re-decides; "
              "recurate: a changed threshold + one new linear head from the stored fp16 embeddings",

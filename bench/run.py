@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                 from bench import recurate
 
                 say("figure 7: recurate (new threshold + new head from the stored embeddings) vs curate")
-                attempt("recurate", lambda: recurate.run(images, heads, args.work, batch, repeats=3))
+                attempt("recurate", lambda: recurate.run(images, heads, args.work, batch))
     if "scaleout" in steps:
         from bench import scaleout
 

@@ -193,15 +193,25 @@ def _cli(*args, cwd):
 
 def test_one_line_errors(runs, plain_run, tmp_path):
     d = plain_run
+    # as a user sees them: exit code 2, one line
     assert "has no embeddings" in _cli(d / "run", tmp_path / "o1", "--head", f"pcartoon=linear:{runs['dir']}/cartoon.pth",
                                        cwd=tmp_path)
     assert "expects 32-d embeddings but the CLIP model gives 64-d" in _cli(
         runs["run"], tmp_path / "o2", "--head", f"narrow=linear:{runs['narrow']}", cwd=tmp_path)
-    assert "unknown field 'pcartoon' (a new score: --head pcartoon=" in _cli(
-        runs["run"], tmp_path / "o3", "--rule", "pcartoon < 0.5", cwd=tmp_path)
-    assert "needs the 'punsafe' score, which" in _cli(d / "run", tmp_path / "o3", "--rule", "punsafe < 0.5", cwd=tmp_path)
-    assert "metadata-mode run" in _cli(d / "meta-run", tmp_path / "o4", cwd=tmp_path)
-    assert "no manifest.json" in _cli(tmp_path / "nothing", tmp_path / "o5", cwd=tmp_path)
+
+    def error(run, **kw):  # the same errors through the API (tests/test_api.py: same messages)
+        with pytest.raises(shardsmith.ShardsmithError) as e:
+            shardsmith.recurate(str(run), str(tmp_path / "o"), **kw, **QUIET)
+        return str(e.value)
+
+    assert "unknown field 'pcartoon' (a new score: --head pcartoon=" in error(runs["run"], rules=["pcartoon < 0.5"])
+    assert "needs the 'punsafe' score, which" in error(d / "run", rules=["punsafe < 0.5"])
+    assert "metadata-mode run" in error(d / "meta-run")
+    assert "no manifest.json" in error(tmp_path / "nothing")
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(d / "run", unfinished)
+    os.remove(unfinished / "_ledger" / "00000.json")
+    assert "0 of 1 shards are committed" in error(unfinished)
     gone = tmp_path / "gone"
     shutil.copytree(d, gone)
     with open(gone / "run" / "manifest.json") as f:
@@ -209,7 +219,7 @@ def test_one_line_errors(runs, plain_run, tmp_path):
     m["inputs"][0]["url"] = str(gone / "in" / "00000.tar")
     (gone / "run" / "manifest.json").write_text(json.dumps(m))
     os.remove(gone / "in" / "00000.tar")
-    assert "is no longer readable" in _cli(gone / "run", tmp_path / "o6", cwd=tmp_path)
+    assert "is no longer readable" in error(gone / "run")
 
 
 def test_api_raises_the_cli_errors(runs, tmp_path):
@@ -223,4 +233,61 @@ def test_api_raises_the_cli_errors(runs, tmp_path):
 
 def test_head_weights_load_through_the_registry_loader(runs):
     head = load_head("pcartoon", runs["heads"]["pcartoon"]["weights"], embed_dim=64, arch="linear")
-    assert fp16_bound(head) == pytest.approx(float(torch.linalg.norm(head.linear.weight)) * fp16_error_norm(64))
+    assert fp16_bound(head) == pytest.approx(float(torch.linalg.norm(head.linear.weight.detach())) * fp16_error_norm(64))
+
+
+@pytest.fixture(scope="module")
+def indexed_input(sample, tmp_path_factory):
+    """Shard 00000 with a shardsmith download index (img2dataset's columns + reason, the download
+    marker): its first rows have no sample -- one skipped by a metadata rule, one failed -- so row
+    numbers are index positions, not tar positions."""
+    import pyarrow as pa
+
+    from shardsmith.pipelines.formats.img2dataset import META_KEY
+
+    d = tmp_path_factory.mktemp("indexed")
+    shutil.copy(sample["shards"][0], d / "00000.tar")
+    index = pq.read_table(sample["shards"][0][:-4] + ".parquet")
+    index = index.cast(pa.schema([pa.field(f.name, pa.string() if pa.types.is_null(f.type) else f.type)
+                                  for f in index.schema]))
+    extra = pa.Table.from_pylist([
+        {"key": "skipped01", "url": "https://x.example/s.jpg", "caption": "skipped", "status": "skipped",
+         "error_message": None, "width": None, "height": None, "original_width": 600, "original_height": 600,
+         "exif": None, "sha256": None},
+        {"key": "failed01", "url": "https://x.example/f.jpg", "caption": "failed", "status": "failed_to_download",
+         "error_message": "HTTP Error 404: Not Found", "width": None, "height": None, "original_width": None,
+         "original_height": None, "exif": None, "sha256": None}], schema=index.schema)
+    table = pa.concat_tables([extra, index])
+    table = table.append_column("reason", pa.array(["aesthetic>=9"] + [None] * (table.num_rows - 1), pa.string()))
+    pq.write_table(table.replace_schema_metadata({META_KEY: b"{}"}), d / "00000.parquet")
+    return d
+
+
+def test_an_indexed_run_with_rows_without_samples(ray_local, tiny_models, indexed_input, tmp_path):
+    run_curate(curate_config(indexed_input, tmp_path / "run", tiny_models, preset="laion-aesthetics-5plus",
+                             embeddings=True), **QUIET)
+    run_curate(curate_config(indexed_input, tmp_path / "fresh", tiny_models, preset=None, rules=NEW_RULES), **QUIET)
+    run_recurate(RecurateConfig(run=str(tmp_path / "run"), output=str(tmp_path / "rec"), rules=list(NEW_RULES),
+                                progress=False, report=False), **QUIET)
+    rec, fresh = read_scores(tmp_path / "rec"), read_scores(tmp_path / "fresh")
+    assert rec.column("row").to_pylist()[:2] == [0, 1]  # the index's positions
+    for col in ("key", "row", "status", "reason", "error"):
+        assert rec.column(col).to_pylist() == fresh.column(col).to_pylist(), col
+    by_key = dict(zip(rec.column("key").to_pylist(), zip(rec.column("status").to_pylist(),
+                                                           rec.column("reason").to_pylist())))
+    assert by_key["skipped01"] == ("dropped", "aesthetic>=9") and by_key["failed01"] == ("error", "http_404")
+    for f in ("00000.tar", "00000.parquet"):
+        a, b = tmp_path / "rec" / "curated" / f, tmp_path / "fresh" / "curated" / f
+        assert (a.read_bytes() == b.read_bytes()) if f.endswith(".tar") else \
+            pq.read_table(a).to_pylist() == pq.read_table(b).to_pylist()
+
+
+def test_a_recurate_of_a_recurate_finds_the_embeddings_through_its_parent(runs, tmp_path):
+    heads = {"pcartoon2": runs["heads"]["pcartoon"]}
+    stats = shardsmith.recurate(str(runs["rec"]), str(tmp_path / "again"), heads=heads, progress=False, report=False,
+                                **QUIET)
+    manifest = json.loads((tmp_path / "again" / "manifest.json").read_text())
+    assert manifest["parent"]["run"] == str(runs["rec"]) and manifest["parent"]["embeddings"] == str(runs["run"])
+    again, rec = read_scores(tmp_path / "again"), read_scores(runs["rec"])
+    assert again.column("pcartoon2").to_pylist() == rec.column("pcartoon").to_pylist()
+    assert again.column("status") == rec.column("status") and stats["rules"] == runs["rec_stats"]["rules"]

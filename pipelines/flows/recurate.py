@@ -128,7 +128,7 @@ def run_recurate(cfg: RecurateConfig, log=print) -> dict:
               "finished_at": manifest.get("finished_at"), "embeddings": emb_src}
     rules_note = "RUN's rules" if cfg.inherits_rules() else "rules"
     run = RunSpec(
-        tool="recurate", output=cfg.output, shards=names, fingerprint=cfg.fingerprint(run_fp, run_rules),
+        tool="recurate", output=cfg.output, shards=names, fingerprint={**cfg.fingerprint(run_fp, run_rules), "mode": mode},
         config=cfg.to_dict(), models=out_models, inputs=[s.to_dict() for s in shards], parent=parent,
         what=f"{len(names)} shard(s) of {cfg.run} ({mode} mode), from its scores"
              + (" and embeddings" if specs else "") + "; no image decoded",
