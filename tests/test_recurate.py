@@ -218,6 +218,8 @@ def test_one_line_errors(runs, plain_run, tmp_path):
         m = json.load(f)
     m["inputs"][0]["url"] = str(gone / "in" / "00000.tar")
     (gone / "run" / "manifest.json").write_text(json.dumps(m))
+    shutil.copy(runs["dir"] / "narrow.pth", gone / "in" / "00000.tar")  # something else under its name
+    assert "has changed since RUN" in error(gone / "run")  # found by the shard's task: still one line
     os.remove(gone / "in" / "00000.tar")
     assert "is no longer readable" in error(gone / "run")
 
