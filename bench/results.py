@@ -92,7 +92,8 @@ def _pair(f: dict) -> str:
         v = f[k]
         out.append(f"{k}: {v}")
     if "median_seconds" in f:
-        out.append(f"slowest: {f['slowest']}; `python -c pass`: {f['python_start_seconds']} s")
+        out.append(f"slowest: {f['slowest']} ({f['cpu_seconds'][f['slowest']]} s CPU); `python -c pass`: "
+                   f"{f['python_start_seconds']} s ({f['python_start_cpu_seconds']} s CPU)")
     if "curate_rows_per_s" in f and not isinstance(f["curate_rows_per_s"], list):
         out.append(f"curate_rows_per_s: {f['curate_rows_per_s']}")
     if "peak_rss_bytes_1x" in f:
