@@ -89,7 +89,7 @@ def run_recurate(cfg: RecurateConfig, log=print) -> dict:
             raise InputError(f"{emb_src}/{EMB_DIR}: no embeddings of shard(s) "
                              f"{', '.join(n for n in names if n not in have)[:200]}")
         for name, spec in specs.items():  # weights, arch and width against RUN's model, before any work
-            bounds[name] = fp16_bound(load_stored_head(name, spec, int(models["embed_dim"])))
+            bounds[name] = fp16_bound(load_stored_head(name, spec, int(models.get("embed_dim") or 0)))
     for s in shards:
         if not fsutil.exists(s.url):
             raise InputError(f"{s.url}: RUN's input shard {s.name} is no longer readable (not found); recurate "
@@ -128,7 +128,8 @@ def run_recurate(cfg: RecurateConfig, log=print) -> dict:
               "finished_at": manifest.get("finished_at"), "embeddings": emb_src}
     rules_note = "RUN's rules" if cfg.inherits_rules() else "rules"
     run = RunSpec(
-        tool="recurate", output=cfg.output, shards=names, fingerprint={**cfg.fingerprint(run_fp, run_rules), "mode": mode},
+        tool="recurate", output=cfg.output, shards=names,
+        fingerprint={**cfg.fingerprint(run_fp, run_rules), "mode": mode},
         config=cfg.to_dict(), models=out_models, inputs=[s.to_dict() for s in shards], parent=parent,
         what=f"{len(names)} shard(s) of {cfg.run} ({mode} mode), from its scores"
              + (" and embeddings" if specs else "") + "; no image decoded",
