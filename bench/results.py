@@ -22,6 +22,8 @@ TITLES = {
     "scale_out_2_nodes": "2 nodes x 1 CPU / 1 node x 1 CPU (steady images/s)",
     "dedup_driver_memory_10x": "dedup driver peak RSS, 10x rows / 1x",
     "dedup_semantic_recall": "clustered semantic search / exact all-pairs (pairs found)",
+    "recurate_rows_per_s": "recurate (new rule + new head, stored embeddings) / the curate it re-decides (rows/s)",
+    "cli_help_seconds": "slowest `shardsmith [SUBCOMMAND] --help`, median wall seconds as a new process",
 }
 
 
@@ -94,6 +96,11 @@ def _pair(f: dict) -> str:
     for k in keys[:2]:
         v = f[k]
         out.append(f"{k}: {v}")
+    if "median_seconds" in f:
+        out.append(f"slowest: {f['slowest']} ({f['cpu_seconds'][f['slowest']]} s CPU); `python -c pass`: "
+                   f"{f['python_start_seconds']} s ({f['python_start_cpu_seconds']} s CPU)")
+    if "curate_rows_per_s" in f and not isinstance(f["curate_rows_per_s"], list):
+        out.append(f"curate_rows_per_s: {f['curate_rows_per_s']}")
     if "peak_rss_bytes_1x" in f:
         out.append(f"peak 10x: {[round(b / 2**30, 2) for b in f['peak_rss_bytes_10x']]} GiB, "
                    f"1x: {round(f['peak_rss_bytes_1x'] / 2**30, 2)} GiB")

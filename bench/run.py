@@ -9,12 +9,14 @@ does, then measures, each side by side with its reference on the same data:
 3. metadata_filter_rows_per_s                                              (bench/metadata_filter.py)
 4. scale_out_2_nodes, on its own pinned local clusters                     (bench/scaleout.py)
 5. dedup_driver_memory_10x, dedup_semantic_recall (+ rows/s per method)    (bench/dedup.py)
+6. recurate_rows_per_s: recurate vs the curate run it re-decides          (bench/recurate.py)
+7. cli_help_seconds: ``shardsmith [SUBCOMMAND] --help`` as a new process  (bench/cli_help.py)
 
 plus ``--fast-decode``'s speed and deviation (bench/fast_decode.py) and bf16's deviation and
 ``torch.compile``'s gain (bench/precision.py). Writes ``bench/results.json`` and
 ``bench/results.md`` after every figure; exits 1 when a figure misses its target or fails.
 
-    python -m bench.run [--only scoring,generation,metadata,fast_decode,precision,scaleout,dedup] [--quick]
+    python -m bench.run [--only cli,scoring,metadata,generation,fast_decode,precision,recurate,scaleout,dedup] [--quick]
     python -m bench.run --gpu     # the GPU plan (bench/gpu.py): skips, saying so, without CUDA
 
 ``--quick`` shrinks everything to check that the harness runs (its figures mean nothing).
@@ -44,7 +46,7 @@ SIZES = {
               "gen_direct": 2, "gen_steps": 2, "gen_size": 64, "scaleout_shards": 2, "fast_images": 64,
               "dedup_rows": 2_000, "dedup_dim": 32, "dedup_rate_rows": 4_000, "dedup_rate_dim": 64},
 }
-STEPS = ("scoring", "metadata", "generation", "fast_decode", "precision", "scaleout", "dedup")
+STEPS = ("cli", "scoring", "metadata", "generation", "fast_decode", "precision", "recurate", "scaleout", "dedup")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,7 +100,12 @@ def main(argv: list[str] | None = None) -> int:
             results.save()
             say(f"{name}: FAILED\n{traceback.format_exc()}")
 
-    local = [s for s in steps if s != "scaleout"]
+    if "cli" in steps:
+        from bench import cli_help
+
+        say("figure 8: shardsmith --help and every subcommand's --help, as new processes")
+        attempt("cli", lambda: cli_help.run(3 if args.quick else 7))
+    local = [s for s in steps if s not in ("scaleout", "cli")]
     if local:
         from shardsmith.pipelines.core.resources import node_cpus, plan_resources, ray_session
 
@@ -155,6 +162,11 @@ def main(argv: list[str] | None = None) -> int:
                 say("figures: dedup driver memory at 10x rows, semantic recall, rows/s per method")
                 attempt("dedup", lambda: dedup.run(args.work, size["dedup_rows"], size["dedup_dim"],
                                                    size["dedup_rate_rows"], size["dedup_rate_dim"]))
+            if "recurate" in steps:
+                from bench import recurate
+
+                say("figure 7: recurate (new threshold + new head from the stored embeddings) vs curate")
+                attempt("recurate", lambda: recurate.run(images, heads, args.work, batch))
     if "scaleout" in steps:
         from bench import scaleout
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-__all__ = ["curate", "download", "generate", "augment", "report"]
+__all__ = ["curate", "download", "generate", "augment", "recurate", "report"]
 
 
 def _config(cls, config, options: dict, **fixed):
@@ -75,6 +75,16 @@ def augment(input: str | None = None, output: str | None = None, config=None, lo
     from shardsmith.pipelines.flows.augment import run_augment
 
     return run_augment(_config(GenerateConfig, config, options, input=input, output=output), log=log)
+
+
+def recurate(run: str | None = None, output: str | None = None, config=None, log: Callable = print,
+             **options) -> dict:
+    """A new selection from a finished run's stored scores and embeddings (``shardsmith recurate``);
+    options are RecurateConfig keys (``preset``, ``rules``, ``heads`` ...)."""
+    from shardsmith.pipelines.config.recurate import RecurateConfig
+    from shardsmith.pipelines.flows.recurate import run_recurate
+
+    return run_recurate(_config(RecurateConfig, config, options, run=run, output=output), log=log)
 
 
 def report(output: str, per_grid: int = 16) -> str:

@@ -16,7 +16,8 @@ from __future__ import annotations
 import argparse
 
 from shardsmith.jobs.entry import job_main
-from shardsmith.jobs.generate import add_model_arguments, base_config
+from shardsmith.jobs.generate import MODEL_FLAGS, add_model_arguments
+from shardsmith.jobs.generate import config_from_args as generate_config
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -29,19 +30,28 @@ def _size(text: str) -> tuple[int, int]:
     return w, h
 
 
+FLAGS = {**MODEL_FLAGS, "input": "input", "strength": "strength", "variants": "variants",
+         "prompt_template": "prompt_template", "caption_dropout": "caption_dropout", "size": "size",
+         "max_side": "max_side", "buckets": "buckets", "bucket_area": "bucket_area", "limit": "limit"}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", help="webdataset shards to augment (fsspec URL, glob, {a,b})")
     p.add_argument("output", help="output folder (fsspec URL)")
-    p.add_argument("--strength", type=float, default=0.5, help="img2img strength in (0, 1] (default 0.5)")
-    p.add_argument("--variants", type=int, default=1, help="variants per source image (default 1)")
-    p.add_argument("--prompt-template", default="{caption}", help="prompt; {caption} and {key} are filled in")
-    p.add_argument("--caption-dropout", type=float, default=0.0, help="fraction of stored captions emptied (e.g. 0.1)")
+    p.add_argument("--strength", type=float, help="img2img strength in (0, 1] (default 0.5)")
+    p.add_argument("--variants", type=int, help="variants per source image (default 1)")
+    p.add_argument("--prompt-template", help="prompt; {caption} and {key} are filled in (default {caption})")
+    p.add_argument("--caption-dropout", type=float, help="fraction of stored captions emptied, e.g. 0.1 (default 0)")
     p.add_argument("--size", type=_size, help="fixed output size WxH (multiples of 8)")
-    p.add_argument("--max-side", type=int, default=512, help="without --size/--buckets: long side (default 512)")
-    p.add_argument("--buckets", action="store_true", help="snap to SDXL-style aspect-ratio buckets")
-    p.add_argument("--bucket-area", type=int, default=1024 * 1024, help="bucket area in pixels (default 1024*1024)")
-    p.add_argument("--limit", type=int, default=0, help="augment only the first N samples of each shard (0 = all)")
+    p.add_argument("--max-side", type=int, help="without --size/--buckets: long side (default 512)")
+    p.add_argument("--buckets", action="store_true", default=None, help="snap to SDXL-style aspect-ratio buckets")
+    p.add_argument("--bucket-area", type=int, help="bucket area in pixels (default 1024*1024)")
+    p.add_argument("--limit", type=int, help="augment only the first N samples of each shard (0 = all, the default)")
     add_model_arguments(p)
+
+
+def config_from_args(args: argparse.Namespace, validate: bool = True):
+    return generate_config(args, validate, FLAGS, "augment")
 
 
 COMMITS_SHARDS = True
@@ -50,10 +60,7 @@ COMMITS_SHARDS = True
 def run(args: argparse.Namespace) -> int:
     from shardsmith.pipelines.flows.augment import run_augment
 
-    run_augment(base_config(args, input=args.input, strength=args.strength, variants=args.variants,
-                            prompt_template=args.prompt_template, caption_dropout=args.caption_dropout,
-                            size=args.size, max_side=args.max_side, buckets=args.buckets,
-                            bucket_area=args.bucket_area, limit=args.limit))
+    run_augment(config_from_args(args))
     return 0
 
 

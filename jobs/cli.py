@@ -18,6 +18,8 @@ COMMANDS = {
                  "fetch LAION metadata's URLs into img2dataset-layout shards (curate --mode urls scores too)"),
     "dedup": ("shardsmith.jobs.dedup",
               "exact, perceptual (pHash) and semantic (CLIP) near-duplicates across curate outputs; deduplicated set"),
+    "recurate": ("shardsmith.jobs.recurate", "a new selection from a finished run's scores and embeddings: new rules, "
+                 "new heads, no image decoded"),
     "report": ("shardsmith.jobs.report", "write OUTPUT/report.html: funnel, score histograms with thresholds, sample grids"),
     "inspect": ("shardsmith.jobs.inspect", "print a shard's samples and scores as a table; write one sample's image out"),
     "sample-data": ("shardsmith.jobs.sample_data", "write a deterministic LAION-style sample dataset"),
@@ -27,6 +29,7 @@ COMMANDS = {
                  "bulk text-to-image with Stable Diffusion from a prompt table, reproducible per seed"),
     "augment": ("shardsmith.jobs.augment",
                 "img2img variants of a webdataset's images (SDEdit), for training-set preparation"),
+    "config": ("shardsmith.jobs.config", "show a job's effective config (defaults <- --config FILE <- flags) as YAML"),
     "demo": ("shardsmith.jobs.demo", "sample data + tiny models + curate, end to end, into ./demo-output"),
     "submit": ("shardsmith.jobs.submit",
                "run a job on a Ray cluster through Ray's job API; stream its logs, exit with its status"),

@@ -106,14 +106,14 @@ def add_fetch_arguments(p: argparse.ArgumentParser) -> None:
                    help="error kinds --retry-failed retries (default timeout,connection_error,http_5xx,http_429)")
 
 
-def config_from_args(args: argparse.Namespace):
+def config_from_args(args: argparse.Namespace, validate: bool = True):
     """The CurateConfig of these arguments: the --config file's keys, then the flags given."""
     from shardsmith.pipelines.config import CurateConfig, config_from_dict, load_config_file, parse_head_flag
 
     cfg = CurateConfig()
     if args.config:
         cfg = config_from_dict(load_config_file(args.config), cfg, source=f"--config {args.config}")
-    cfg.input, cfg.output = args.input, args.output
+    cfg.input, cfg.output = args.input or cfg.input, args.output or cfg.output
     for flag, key in FLAG_KEYS.items():
         value = getattr(args, flag, None)
         if value is not None:
@@ -147,7 +147,8 @@ def config_from_args(args: argparse.Namespace):
         cfg.retry_kinds = [k.strip() for k in args.retry_kinds.split(",") if k.strip()]
     if cfg.preset == "none":
         cfg.preset = None
-    cfg.validate()
+    if validate:
+        cfg.validate()
     return cfg
 
 

@@ -2,7 +2,8 @@
 
 1. writes a deterministic sample dataset (``sample-data``),
 2. builds tiny random models (``tiny-models``),
-3. curates the image shards on a local Ray with the LAION-Aesthetics 5+ preset,
+3. curates the image shards on a local Ray with the LAION-Aesthetics 5+ preset (keeping embeddings),
+   then re-curates that run with a lower aesthetic threshold from its stored scores (``recurate``),
 4. reproduces a LAION-Aesthetics 5+ selection from the sample's LAION metadata (metadata-only mode),
 5. generates a handful of images from the curated captions with a tiny Stable Diffusion pipeline,
 6. augments those with img2img variants, and curates the generated images back (``generated`` column),
@@ -47,7 +48,9 @@ def run(args: argparse.Namespace) -> int:
     from shardsmith.pipelines.core.resources import ray_session
     from shardsmith.pipelines.flows.augment import run_augment
     from shardsmith.pipelines.flows.curate import run_curate
+    from shardsmith.pipelines.config.recurate import RecurateConfig
     from shardsmith.pipelines.flows.generate import run_generate
+    from shardsmith.pipelines.flows.recurate import run_recurate
     from shardsmith.pipelines.formats.prompts import Defaults
 
     out = args.output
@@ -71,6 +74,12 @@ def run(args: argparse.Namespace) -> int:
             aesthetic_head=models["aesthetic_head"], watermark_head=models["watermark_head"],
             nsfw_head=models["nsfw_head"], preset="laion-aesthetics-5plus", overwrite=args.fresh,
             embeddings=True, address=args.address))
+        print("\n[demo] recurate: the same selection with aesthetic >= 4.5 instead of 5, from the stored scores "
+              "(no image decoded, no model loaded)")
+        run_recurate(RecurateConfig(
+            run=os.path.join(out, "curated"), output=os.path.join(out, "recurated"), preset="none",
+            rules=["aesthetic >= 4.5", "pwatermark < 0.8", "punsafe < 0.5"], overwrite=args.fresh,
+            address=args.address))
         print("\n[demo] curate: metadata-only mode on LAION-style metadata parquet")
         run_curate(CurateConfig(
             input=os.path.join(data_dir, "metadata"), output=os.path.join(out, "metadata-curated"),
@@ -96,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
     print()
     print(REAL_WEIGHTS_HINT)
     print(f"[demo] done: see {os.path.join(out, 'curated')} (scores/, curated/, stats.json), "
-          f"{os.path.join(out, 'metadata-curated')}, {os.path.join(out, 'generated')}, "
+          f"{os.path.join(out, 'recurated')}, {os.path.join(out, 'metadata-curated')}, "
+          f"{os.path.join(out, 'generated')}, "
           f"{os.path.join(out, 'augmented')} and {os.path.join(out, 'generated-curated')}")
     return 0
 

@@ -38,13 +38,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_fetch_arguments(p)
 
 
-def config_from_args(args: argparse.Namespace):
+def config_from_args(args: argparse.Namespace, validate: bool = True):
     from shardsmith.pipelines.config import CurateConfig, config_from_dict, load_config_file
 
     cfg = CurateConfig(preset=None, mode="urls")
     if args.config:
         cfg = config_from_dict(load_config_file(args.config), cfg, source=f"--config {args.config}")
-    cfg.input, cfg.output, cfg.mode = args.input, args.output, "urls"
+    cfg.input, cfg.output, cfg.mode = args.input or cfg.input, args.output or cfg.output, "urls"
     for flag, key in FLAG_KEYS.items():
         value = getattr(args, flag, None)
         if value is not None:
@@ -59,7 +59,8 @@ def config_from_args(args: argparse.Namespace):
         cfg.retry_failed = True
     if args.retry_kinds:
         cfg.retry_kinds = [k.strip() for k in args.retry_kinds.split(",") if k.strip()]
-    cfg.validate()
+    if validate:
+        cfg.validate()
     return cfg
 
 

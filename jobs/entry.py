@@ -15,6 +15,7 @@ import sys
 from typing import Callable
 
 from shardsmith.errors import EXIT_INTERRUPTED, ShardsmithError, one_line
+from shardsmith.pipelines.core.progress import close_live_bars
 
 
 def job_main(module: str, doc: str | None, add_arguments: Callable, run: Callable[[argparse.Namespace], int],
@@ -32,9 +33,11 @@ def invoke(tool: str, run: Callable[[argparse.Namespace], int | None], args: arg
     try:
         return run(args) or 0
     except ShardsmithError as e:
+        close_live_bars()
         print(f"shardsmith {tool}: error: {one_line(e)}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
+        close_live_bars()
         output = getattr(args, "output", None) if commits else None
         note = f" {committed_note(output)} Rerun the same command to resume: committed shards are skipped, the " \
                "others are redone." if output else ""

@@ -20,56 +20,69 @@ from __future__ import annotations
 
 import argparse
 
-from shardsmith.errors import ConfigError
 from shardsmith.jobs.entry import job_main
 
 
+# CLI flag -> config key (``defaults.*``: the per-row defaults of the prompt table); a flag not
+# given leaves the --config file's value, or the default, in place.
+MODEL_FLAGS = {
+    "model": "model", "revision": "revision", "scheduler": "scheduler", "dtype": "dtype", "device": "device",
+    "batch_size": "batch_size", "num_actors": "num_actors", "actor_cpus": "actor_cpus", "threads": "threads",
+    "steps": "defaults.num_inference_steps", "guidance": "defaults.guidance_scale",
+    "negative_prompt": "defaults.negative_prompt", "seed": "defaults.seed",
+    "no_watermark": ("watermark", lambda v: not v), "address": "address", "overwrite": "overwrite",
+    "quiet": ("progress", lambda v: not v), "output": "output",
+}
+FLAGS = {**MODEL_FLAGS, "prompts": "prompts", "from_captions": "from_captions", "width": "defaults.width",
+         "height": "defaults.height", "num_images": "defaults.num_images", "shard_size": "shard_size",
+         "limit": "limit"}
+
+
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="diffusers pipeline: local dir, hub id or fsspec URL")
+    p.add_argument("--config", metavar="FILE", help="YAML config (GenerateConfig keys: `shardsmith config show "
+                                                    f"{p.prog.rsplit(' ', 1)[-1]}`); flags given here win")
+    p.add_argument("--model", help="diffusers pipeline: local dir, hub id or fsspec URL (required, here or in --config)")
     p.add_argument("--revision", help="model revision (hub models)")
     p.add_argument("--scheduler", help="ddim, pndm, euler, euler_a, dpm++, unipc, lms, heun (default: the model's own)")
-    p.add_argument("--dtype", default="auto", help="auto (float16 on GPU, float32 on CPU), float32, float16, bfloat16")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    p.add_argument("--batch-size", type=int, default=4, help="images per actor call, grouped per identical parameters")
-    p.add_argument("--num-actors", type=int, default=0, help="pipeline actors (default: one per GPU, or sized from CPUs)")
-    p.add_argument("--actor-cpus", type=float, default=0.0, help="CPUs per actor (default automatic)")
-    p.add_argument("--threads", type=int, default=0,
+    p.add_argument("--dtype", help="auto (default: float16 on GPU, float32 on CPU), float32, float16, bfloat16")
+    p.add_argument("--device", help="auto (default), cpu, cuda")
+    p.add_argument("--batch-size", type=int, help="images per actor call, grouped per identical parameters (default 4)")
+    p.add_argument("--num-actors", type=int, help="pipeline actors (default: one per GPU, or sized from CPUs)")
+    p.add_argument("--actor-cpus", type=float, help="CPUs per actor (default automatic)")
+    p.add_argument("--threads", type=int,
                    help="torch threads per actor on CPU (default: torch's default here; recorded in KEY.json, "
                         "since CPU results depend on it)")
-    p.add_argument("--steps", type=int, default=30, help="default num_inference_steps")
-    p.add_argument("--guidance", type=float, default=7.5, help="default guidance_scale")
-    p.add_argument("--negative-prompt", default="", help="default negative prompt")
-    p.add_argument("--seed", type=int, default=0, help="run seed: rows without a seed derive theirs from it and their key")
-    p.add_argument("--no-watermark", action="store_true", help="do not embed the invisible watermark")
+    p.add_argument("--steps", type=int, help="default num_inference_steps (default 30)")
+    p.add_argument("--guidance", type=float, help="default guidance_scale (default 7.5)")
+    p.add_argument("--negative-prompt", help="default negative prompt (default none)")
+    p.add_argument("--seed", type=int, help="run seed: rows without a seed derive theirs from it and their key (default 0)")
+    p.add_argument("--no-watermark", action="store_true", default=None, help="do not embed the invisible watermark")
     p.add_argument("--address", help="Ray cluster address (default: a local Ray)")
-    p.add_argument("--overwrite", action="store_true", help="redo everything in OUTPUT")
-    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--overwrite", action="store_true", default=None, help="redo everything in OUTPUT")
+    p.add_argument("--quiet", action="store_true", default=None, help="no progress lines")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompts", nargs="?", help="prompt table: .parquet, .jsonl or .csv (fsspec URL)")
     p.add_argument("output", help="output folder (fsspec URL)")
     p.add_argument("--from-captions", metavar="SHARDS", help="use the captions of these webdataset shards as prompts")
-    p.add_argument("--width", type=int, default=512, help="default width (multiple of 8)")
-    p.add_argument("--height", type=int, default=512, help="default height (multiple of 8)")
-    p.add_argument("--num-images", type=int, default=1, help="default images per prompt row")
-    p.add_argument("--shard-size", type=int, default=100, help="images per output shard")
-    p.add_argument("--limit", type=int, default=0, help="use only the first N prompt rows / captions (0 = all)")
+    p.add_argument("--width", type=int, help="default width (multiple of 8; default 512)")
+    p.add_argument("--height", type=int, help="default height (multiple of 8; default 512)")
+    p.add_argument("--num-images", type=int, help="default images per prompt row (default 1)")
+    p.add_argument("--shard-size", type=int, help="images per output shard (default 100)")
+    p.add_argument("--limit", type=int, help="use only the first N prompt rows / captions (0 = all, the default)")
     add_model_arguments(p)
 
 
-def base_config(args: argparse.Namespace, **extra):
+def config_from_args(args: argparse.Namespace, validate: bool = True, flags: dict = FLAGS, tool: str = "generate"):
+    """The GenerateConfig of these arguments: the defaults, the --config file's keys, the flags given."""
+    from shardsmith.pipelines.config.base import config_from_args as from_args
     from shardsmith.pipelines.config.generate import GenerateConfig
-    from shardsmith.pipelines.formats.prompts import Defaults
 
-    d = Defaults(negative_prompt=args.negative_prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                 width=getattr(args, "width", 512), height=getattr(args, "height", 512),
-                 num_images=getattr(args, "num_images", 1), seed=args.seed)
-    return GenerateConfig(output=args.output, model=args.model, revision=args.revision, scheduler=args.scheduler,
-                          dtype=args.dtype, device=args.device, batch_size=args.batch_size,
-                          num_actors=args.num_actors, actor_cpus=args.actor_cpus, threads=args.threads,
-                          watermark=not args.no_watermark,
-                          defaults=d, address=args.address, overwrite=args.overwrite, progress=not args.quiet, **extra)
+    cfg = from_args(GenerateConfig, args, flags)
+    if validate:
+        cfg.validate(tool)
+    return cfg
 
 
 COMMITS_SHARDS = True
@@ -78,10 +91,7 @@ COMMITS_SHARDS = True
 def run(args: argparse.Namespace) -> int:
     from shardsmith.pipelines.flows.generate import run_generate
 
-    if bool(args.prompts) == bool(args.from_captions):
-        raise ConfigError("give a PROMPTS table or --from-captions SHARDS (one of them)")
-    run_generate(base_config(args, prompts=args.prompts, from_captions=args.from_captions,
-                             shard_size=args.shard_size, limit=args.limit))
+    run_generate(config_from_args(args))
     return 0
 
 

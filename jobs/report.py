@@ -19,19 +19,32 @@ import argparse
 from shardsmith.jobs.entry import job_main
 
 
+FLAGS = {"output": "output", "per_grid": "per_grid"}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("output", help="the OUTPUT folder of a finished run (fsspec URL)")
-    p.add_argument("--per-grid", type=int, default=16, metavar="N",
+    p.add_argument("--config", metavar="FILE", help="YAML config (keys: per_grid); flags given here win")
+    p.add_argument("--per-grid", type=int, metavar="N",
                    help="samples per grid (default 16; generated images: twice that)")
+
+
+def config_from_args(args: argparse.Namespace, validate: bool = True):
+    from shardsmith.pipelines.config.base import config_from_args as from_args
+    from shardsmith.pipelines.config.report import ReportConfig
+
+    cfg = from_args(ReportConfig, args, FLAGS)
+    if validate:
+        cfg.validate()
+    return cfg
 
 
 def run(args: argparse.Namespace) -> int:
     from shardsmith.pipelines.report import ReportError, build_report
 
-    if args.per_grid < 1:
-        raise ReportError("--per-grid must be >= 1")
+    cfg = config_from_args(args)
     try:
-        url = build_report(args.output, per_grid=args.per_grid)
+        url = build_report(cfg.output, per_grid=cfg.per_grid)
     except OSError as e:  # e.g. OUTPUT not writable
         raise ReportError(f"{type(e).__name__}: {e}") from e
     print(f"report: {url}")

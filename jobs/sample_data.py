@@ -17,9 +17,6 @@ import io
 import json
 import os
 
-import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
-
 from shardsmith.jobs.entry import job_main
 
 SUBJECTS = ["a mountain lake", "a red bicycle", "an old lighthouse", "a bowl of fruit", "a city street at night",
@@ -35,6 +32,9 @@ def caption_for(rng: np.random.Generator) -> str:
 
 def texture(rng: np.random.Generator, w: int, h: int) -> Image.Image:
     """A photo-like texture: a smooth colour field, a few soft shapes, fine grain."""
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFilter
+
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     base = np.zeros((h, w, 3), np.float32)
     for c in range(3):
@@ -55,6 +55,8 @@ def texture(rng: np.random.Generator, w: int, h: int) -> Image.Image:
 
 def add_watermark(img: Image.Image, rng: np.random.Generator) -> Image.Image:
     """Tile a visible text watermark over the image, the way stock sites do."""
+    from PIL import Image, ImageDraw
+
     img = img.convert("RGBA")
     layer = Image.new("RGBA", img.size, (0, 0, 0, 0))
     draw = ImageDraw.Draw(layer)
@@ -94,6 +96,7 @@ def make_sample(rng: np.random.Generator, i: int, max_size: int = 1024) -> dict:
 
 
 def write_shard(out_dir: str, shard: int, n: int, seed: int, max_size: int = 1024) -> dict:
+    import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -130,6 +133,7 @@ def write_shard(out_dir: str, shard: int, n: int, seed: int, max_size: int = 102
 
 def write_metadata(out_dir: str, files: int, rows: int, seed: int) -> list[str]:
     """LAION-5B-style metadata with the upper-case column names of the original release."""
+    import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
 

@@ -22,7 +22,9 @@ pipeline, they mean nothing about real images.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 
 from shardsmith.jobs.entry import job_main
@@ -35,6 +37,22 @@ TINY_CLIP_CONFIG = {
 }
 
 
+class _DropRandomInit(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No pretrained weights loaded")
+
+
+@contextlib.contextmanager
+def _quiet_random_init():
+    """open_clip logs "No pretrained weights loaded ... initialized randomly" on the root logger."""
+    f = _DropRandomInit()
+    logging.getLogger().addFilter(f)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(f)
+
+
 def write_tiny_clip(out_dir: str, name: str = "tiny-clip", seed: int = 0) -> tuple[str, str]:
     import open_clip
     import torch
@@ -45,7 +63,8 @@ def write_tiny_clip(out_dir: str, name: str = "tiny-clip", seed: int = 0) -> tup
         json.dump(TINY_CLIP_CONFIG, f, indent=1)
     open_clip.add_model_config(cfg_path)
     torch.manual_seed(seed)
-    model = open_clip.create_model(name, pretrained=None)
+    with _quiet_random_init():  # random weights are what a tiny model is; open_clip warns about them
+        model = open_clip.create_model(name, pretrained=None)
     weights = os.path.join(out_dir, f"{name}.pt")
     torch.save(model.state_dict(), weights)
     return cfg_path, weights
@@ -99,7 +118,15 @@ def write_sd_pipeline(out_dir: str, unet: dict, vae: dict, text: dict, seed: int
     pipe = StableDiffusionPipeline(vae=vae_model, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet_model,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
-    pipe.save_pretrained(out_dir)
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # "Writing model shards" of one tiny file says nothing
+    try:
+        pipe.save_pretrained(out_dir)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
     return pipe
 
 

@@ -13,6 +13,11 @@ beside itself. Importing ``shardsmith`` is cheap: the job functions load on firs
 
     import shardsmith
     stats = shardsmith.curate("data/{00000..00009}.tar", "out", preset="none", clip_model=..., ...)
+    shardsmith.recurate("out", "out-aes6", rules=["aesthetic >= 6"])   # no re-embedding
+
+Every job function validates its arguments as the CLI does and raises the CLI's one-line errors as
+``shardsmith.ConfigError`` / ``InputError`` / ``RunError`` (all ``ShardsmithError``); see
+``shardsmith.jobs.api`` and the README's "Python API".
 """
 
 from __future__ import annotations
@@ -24,7 +29,9 @@ if _os.path.isfile(_os.path.join(_checkout, "pyproject.toml")) and _os.path.isfi
         _os.path.join(_checkout, "pipelines", "__init__.py")):
     __path__.append(_checkout)  # a source checkout: jobs/, pipelines/, ... are shardsmith.jobs, ...
 
-__all__ = ["curate", "download", "generate", "augment", "report", "ShardsmithError", "__version__"]
+JOBS = ["curate", "download", "generate", "augment", "recurate", "report"]  # + "dedup" when it lands
+ERRORS = ["ShardsmithError", "ConfigError", "InputError", "RunError"]
+__all__ = [*JOBS, *ERRORS, "__version__"]
 
 
 def __getattr__(name: str):
@@ -32,10 +39,10 @@ def __getattr__(name: str):
         from shardsmith.errors import version
 
         return version()
-    if name == "ShardsmithError":
-        from shardsmith.errors import ShardsmithError
+    if name in ERRORS:
+        from shardsmith import errors
 
-        return ShardsmithError
+        return getattr(errors, name)
     if name in __all__:
         from shardsmith.jobs import api
 

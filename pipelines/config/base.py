@@ -62,11 +62,15 @@ def from_dict(cls, data, base=None, source: str = "config"):
         raise ConfigError(f"{source}: expected a mapping of keys to values, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
+    values = {}
     for key, value in data.items():
         if key not in names:
             raise ConfigError(f"{source}: unknown key {key!r}; known keys: {', '.join(sorted(names))}")
-        setattr(cfg, key, check_type(key, value, hints[key]))
-    return cfg
+        try:
+            values[key] = check_type(key, value, hints[key])
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from e
+    return dataclasses.replace(cfg, **values) if values else cfg
 
 
 def to_dict(cfg) -> dict:
@@ -93,3 +97,33 @@ def load_config_file(url: str) -> dict:
     except yaml.YAMLError as e:
         raise ConfigError(f"--config {url}: not valid YAML: {e}") from e
     return data or {}
+
+
+def with_key(cfg, key: str, value):
+    """A copy of ``cfg`` with ``key`` set (``"a.b"``: field b of the nested dataclass a, which may
+    be frozen), type-checked as a config file's value would be."""
+    head, _, rest = key.partition(".")
+    if rest:
+        value = with_key(getattr(cfg, head), rest, value)
+    else:
+        value = check_type(key, value, typing.get_type_hints(type(cfg))[head])
+    return dataclasses.replace(cfg, **{head: value})
+
+
+def config_from_args(cls, args, flags: dict, base=None):
+    """The ``cls`` config of parsed CLI ``args``: ``base`` (or the defaults), then the keys of the
+    ``--config`` file (``args.config``), then every flag given -- a flag whose value is ``None``
+    (argparse's default) was not given, so the file's value or the default stays. ``flags`` maps a
+    flag's dest to its key (``"defaults.seed"`` for a nested one), or to ``(key, fn)`` for a flag
+    whose value is transformed (``"quiet": ("progress", lambda v: not v)``)."""
+    cfg = dataclasses.replace(base) if base is not None else cls()
+    path = getattr(args, "config", None)
+    if path:
+        cfg = from_dict(cls, load_config_file(path), base=cfg, source=f"--config {path}")
+    for dest, target in flags.items():
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        key, fn = target if isinstance(target, tuple) else (target, None)
+        cfg = with_key(cfg, key, fn(value) if fn else value)
+    return cfg

@@ -59,6 +59,13 @@ class GenerateConfig:
             raise ConfigError("model: a diffusers pipeline (local dir, hub id or fsspec URL) is required")
         if self.batch_size < 1 or self.shard_size < 1:
             raise ConfigError("batch_size and shard_size: must be >= 1")
+        if tool == "generate" and bool(self.prompts) == bool(self.from_captions):
+            raise ConfigError("give a PROMPTS table or --from-captions SHARDS (one of them; config keys prompts, "
+                              "from_captions)")
+        if tool == "augment" and not self.input:
+            raise ConfigError("input: the webdataset shards to augment are required")
+        if self.size is not None and (any(v % 8 or v < 8 for v in self.size)):
+            raise ConfigError(f"size: {list(self.size)}: width and height must be positive multiples of 8")
         if tool == "augment":
             if not 0 < self.strength <= 1:
                 raise ConfigError(f"strength: {self.strength} must be in (0, 1]")

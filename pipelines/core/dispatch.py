@@ -131,4 +131,4 @@ def stream_to_writers(batches, collector: ShardCollector, submit: Callable[[str,
         raise RuntimeError(f"shard(s) ended without all their rows: {', '.join(missing[:10])}")
     dispatcher.drain()
     if progress:
-        progress.update(force=True)
+        progress.close()

@@ -53,6 +53,7 @@ class RunSpec:
     # under stage-prefixed names: its stats are returned, but stats.json, the summary and the
     # report are the last stage's
     final: bool = True
+    parent: dict | None = None  # the run this one derives from (recurate: RUN's path, fingerprint), in the manifest
 
 
 def run_job(spec: RunSpec, execute: Callable[[list[str]], None], log=print) -> dict:
@@ -62,7 +63,7 @@ def run_job(spec: RunSpec, execute: Callable[[list[str]], None], log=print) -> d
 
     layout = OutputLayout(spec.output)
     manifest = open_run(layout, f"shardsmith {spec.tool}", spec.fingerprint, spec.config, spec.models, spec.inputs,
-                        spec.overwrite, COMMON_PARTS + tuple(spec.parts))
+                        spec.overwrite, COMMON_PARTS + tuple(spec.parts), parent=spec.parent)
     ledger = Ledger(layout)
     ledger.clean_tmp()
     committed = ledger.committed()

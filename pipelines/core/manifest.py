@@ -17,6 +17,14 @@ from shardsmith.pipelines.core import fs as fsutil
 from shardsmith.pipelines.core.layout import TMP_DIR, OutputLayout
 
 
+def read_manifest(url: str) -> dict | None:
+    """The manifest of the run in OUTPUT ``url``, or None when there is none."""
+    path = OutputLayout(url).manifest
+    if not fsutil.exists(path):
+        return None
+    return json.loads(fsutil.read_text(path))
+
+
 def check_writable(layout: OutputLayout) -> None:
     probe = layout.path(TMP_DIR, f".probe-{uuid.uuid4().hex[:8]}")
     try:
@@ -27,9 +35,10 @@ def check_writable(layout: OutputLayout) -> None:
 
 
 def open_run(layout: OutputLayout, tool: str, fingerprint: dict, config: dict, models: dict, inputs: list,
-              overwrite: bool, parts: tuple[str, ...]) -> dict:
+              overwrite: bool, parts: tuple[str, ...], parent: dict | None = None) -> dict:
     """Check an existing run manifest against this run's settings (resume needs the same ones),
-    or remove the earlier run's outputs (``parts``) with ``overwrite``; then write the manifest."""
+    or remove the earlier run's outputs (``parts``) with ``overwrite``; then write the manifest
+    (with ``parent``: the run this one was derived from, its lineage)."""
     fingerprint = redact(fingerprint)
     if overwrite:
         for part in parts:
@@ -45,6 +54,8 @@ def open_run(layout: OutputLayout, tool: str, fingerprint: dict, config: dict, m
     manifest = {"tool": tool, "version": shardsmith_version(), "fingerprint": redact(fingerprint),
                 "config": redact(config), "models": redact(models), "inputs": redact(inputs),
                 "packages": package_versions(), "started_at": time.time()}
+    if parent is not None:
+        manifest["parent"] = redact(parent)
     write_json(layout.manifest, manifest, tmp_dir=layout.tmp_dir)
     return manifest
 

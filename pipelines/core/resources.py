@@ -20,10 +20,83 @@ from dataclasses import dataclass
 LOCAL_SYSTEM_CONFIG = {"worker_niceness": 0}
 
 
+# Library messages that say nothing to a user of a job, silenced where they are made (a filter on
+# the logger that emits them, matching these texts only); every other warning is kept.
+QUIET_MESSAGES = {
+    # a local one-process cluster keeps Ray's token authentication on; the line says how to turn it off
+    "ray._private.authentication.authentication_token_setup": ("Token authentication is enabled for this Ray",),
+    # we turn Ray Data's own bars off: the job prints its own progress (core/progress.py)
+    "ray.data._internal.progress": ("Progress bars disabled", "Progress bars for operators disabled"),
+}
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, prefixes: tuple[str, ...]):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+def quiet_library_noise() -> None:
+    """Install the QUIET_MESSAGES filters (once per process)."""
+    for name, prefixes in QUIET_MESSAGES.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) for f in logger.filters):
+            logger.addFilter(_DropMessages(prefixes))
+
+
+@contextmanager
+def _stderr_to_devnull():
+    import sys
+
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+_RESTART_WARNING_SPENT = False
+
+
+def spend_actor_restart_warning() -> None:
+    """Ray's core worker prints, once per process, an ERROR line when an actor that may restart
+    gets an argument by reference ("has constructor arguments in the object store and max_restarts
+    > 0", ray-project/ray#53727). Ray Data's actor pools always do (its context and UDF are passed
+    as ObjectRefs, which the operator holds for its lifetime, so a restart finds them): the line is
+    about Ray Data's internals, not the job. It is spent here on a throwaway actor, with this
+    process's stderr pointed at /dev/null for that one call; the actor is killed at once."""
+    global _RESTART_WARNING_SPENT
+    if _RESTART_WARNING_SPENT:
+        return
+    import ray
+
+    _RESTART_WARNING_SPENT = True
+    ref = ray.put(0)
+    # a resource no node has: the actor is never scheduled (no worker starts), and it is removed
+    # before Ray would call it infeasible
+    with _stderr_to_devnull():
+        actor = ray.remote(num_cpus=0, max_restarts=1, resources={"shardsmith_never_scheduled": 1})(_Spent)
+        actor = actor.remote(ref)
+    ray.kill(actor, no_restart=True)
+
+
+class _Spent:
+    def __init__(self, _):
+        pass
+
+
 @contextmanager
 def ray_session(address: str | None = None, quiet: bool = True):
     import ray
 
+    quiet_library_noise()
     started = False
     if not ray.is_initialized():
         kwargs = {"logging_level": logging.WARNING, "log_to_driver": True}
@@ -39,6 +112,7 @@ def ray_session(address: str | None = None, quiet: bool = True):
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
         logging.getLogger("ray.data").setLevel(logging.WARNING)
+        spend_actor_restart_warning()
     try:
         yield
     finally:

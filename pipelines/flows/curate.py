@@ -135,4 +135,4 @@ def run_metadata(cfg: CurateConfig, todo: list, rules) -> None:
     for shard in todo:
         dispatcher.submit(task.remote(shard, rules, cfg.output), tag=0)
     dispatcher.drain(poll_every=1.0)
-    progress.update(force=True)
+    progress.close()

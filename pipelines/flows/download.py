@@ -64,7 +64,7 @@ def run_download(cfg: CurateConfig, log=print) -> dict:
         for name in todo:
             dispatcher.submit(task.remote(by_name[name], rules, options, cfg.urls_per_shard, cfg.output), tag=0)
         dispatcher.drain()
-        progress.update(force=True)
+        progress.close()
 
     names = list(by_name)
     run = RunSpec(

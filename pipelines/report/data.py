@@ -57,7 +57,7 @@ class Run:
 
     @property
     def is_curate(self) -> bool:
-        return self.tool == "shardsmith curate"
+        return self.tool in ("shardsmith curate", "shardsmith recurate")
 
     @property
     def scores(self) -> ScoreSet:

@@ -33,13 +33,18 @@ from shardsmith.pipelines.sinks.decide import decide
 
 
 def copy_samples(url: str, rows: set[int] | None, tar: TarWriter, keys: set[str] | None = None) -> int:
-    """Copy the samples at ``rows`` (or with ``keys``) of the tar at ``url`` into ``tar``, members
-    untouched."""
+    """Copy the samples at ``rows`` (tar positions) of the tar at ``url`` into ``tar``, members
+    untouched; or, with ``keys``, its readable samples with those keys (a key is unique among them:
+    a repeated one is a ``duplicate_key`` error sample), reading no further than the last."""
     n = 0
+    if keys is not None and not keys:
+        return 0
     for sample in iter_tar_samples(url):
-        if (rows is not None and sample.row in rows) or (keys is not None and sample.key in keys):
+        if sample.row in rows if keys is None else (sample.error_kind is None and sample.key in keys):
             tar.copy_sample(sample)
             n += 1
+            if keys is not None and n == len(keys):
+                break
     return n
 
 
