@@ -95,6 +95,9 @@ def add_fetch_arguments(p: argparse.ArgumentParser) -> None:
                                         "(default: shardsmith/VERSION and the project URL)")
     g.add_argument("--resize-max-side", type=int, metavar="N",
                    help="downscale images larger than N px at download time (original size kept in the metadata)")
+    g.add_argument("--allow-private-addresses", action="store_true",
+                   help="also fetch URLs on loopback, private, link-local and CGNAT addresses (an intranet mirror); "
+                        "cloud metadata endpoints stay refused (default: such rows are errors, kind blocked_address)")
     g.add_argument("--retry-failed", action="store_true",
                    help="re-fetch only the rows an earlier run into OUTPUT failed with a retryable kind "
                         "(--retry-kinds), keep the rest, and rewrite those shards")
@@ -135,6 +138,8 @@ def config_from_args(args: argparse.Namespace):
         cfg.progress = False
     if args.no_report:
         cfg.report = False
+    if getattr(args, "allow_private_addresses", False):
+        cfg.allow_private_addresses = True
     if getattr(args, "retry_failed", False):
         cfg.retry_failed = True
     if getattr(args, "retry_kinds", None):

@@ -55,6 +55,8 @@ def config_from_args(args: argparse.Namespace):
         cfg.preset = None
     cfg.overwrite = cfg.overwrite or args.overwrite
     cfg.progress = cfg.progress and not args.quiet
+    if args.allow_private_addresses:
+        cfg.allow_private_addresses = True
     if args.retry_failed:
         cfg.retry_failed = True
     if args.retry_kinds:

@@ -57,6 +57,7 @@ class CurateConfig:
     fetch_max_redirects: int = 5
     user_agent: str = ""  # "" = shardsmith/VERSION (+project URL); name your project and a contact
     opt_out_directives: list[str] = field(default_factory=lambda: list(OPT_OUT_DIRECTIVES))  # X-Robots-Tag
+    allow_private_addresses: bool = False  # fetch from loopback/private/link-local addresses (intranet mirrors)
     resize_max_side: int = 0  # downscale larger images at download time (0 = store as downloaded)
     retry_failed: bool = False  # re-fetch the earlier failures of retry_kinds, keep everything else
     retry_kinds: list[str] = field(default_factory=lambda: list(RETRYABLE_KINDS))
