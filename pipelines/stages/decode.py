@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
+from shardsmith.pipelines.formats.tar import PIL_FORMATS
 from shardsmith.pipelines.stages.batch import SENTINEL, text, text_columns
 
 # EXIF orientations 5-8 swap width and height when displayed.
@@ -58,7 +59,7 @@ def decode(data: bytes, pixel_transform, max_pixels: int = DEFAULT_MAX_PIXELS,
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=PIL_FORMATS)
     except Image.DecompressionBombError as e:
         raise DecodeError("image_too_large", str(e)) from e
     except Image.UnidentifiedImageError as e:
