@@ -23,7 +23,7 @@ import argparse
 
 from shardsmith.filters.presets import PRESETS
 from shardsmith.filters.scores import BUILTIN_HEADS, HEAD_ARCHS
-from shardsmith.jobs.entry import job_main
+from shardsmith.jobs.entry import add_run_arguments, apply_run_arguments, job_main
 
 # CLI flag -> config key, for the flags that map one to one (the built-in heads' from the registry).
 FLAG_KEYS = {
@@ -75,6 +75,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.add_argument("--no-report", action="store_true", help="do not write OUTPUT/report.html at the end "
                                                             "(`shardsmith report OUTPUT` writes it later)")
+    add_run_arguments(p)
     add_fetch_arguments(p)
 
 
@@ -146,6 +147,7 @@ def config_from_args(args: argparse.Namespace):
         cfg.retry_kinds = [k.strip() for k in args.retry_kinds.split(",") if k.strip()]
     if cfg.preset == "none":
         cfg.preset = None
+    apply_run_arguments(args, cfg)
     cfg.validate()
     return cfg
 

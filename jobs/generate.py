@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 
 from shardsmith.errors import ConfigError
-from shardsmith.jobs.entry import job_main
+from shardsmith.jobs.entry import add_run_arguments, apply_run_arguments, job_main
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -44,6 +44,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="Ray cluster address (default: a local Ray)")
     p.add_argument("--overwrite", action="store_true", help="redo everything in OUTPUT")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    add_run_arguments(p)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -65,11 +66,13 @@ def base_config(args: argparse.Namespace, **extra):
     d = Defaults(negative_prompt=args.negative_prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
                  width=getattr(args, "width", 512), height=getattr(args, "height", 512),
                  num_images=getattr(args, "num_images", 1), seed=args.seed)
-    return GenerateConfig(output=args.output, model=args.model, revision=args.revision, scheduler=args.scheduler,
-                          dtype=args.dtype, device=args.device, batch_size=args.batch_size,
-                          num_actors=args.num_actors, actor_cpus=args.actor_cpus, threads=args.threads,
-                          watermark=not args.no_watermark,
-                          defaults=d, address=args.address, overwrite=args.overwrite, progress=not args.quiet, **extra)
+    cfg = GenerateConfig(output=args.output, model=args.model, revision=args.revision, scheduler=args.scheduler,
+                         dtype=args.dtype, device=args.device, batch_size=args.batch_size,
+                         num_actors=args.num_actors, actor_cpus=args.actor_cpus, threads=args.threads,
+                         watermark=not args.no_watermark,
+                         defaults=d, address=args.address, overwrite=args.overwrite, progress=not args.quiet, **extra)
+    apply_run_arguments(args, cfg)
+    return cfg
 
 
 COMMITS_SHARDS = True

@@ -61,6 +61,10 @@ class CurateConfig:
     resize_max_side: int = 0  # downscale larger images at download time (0 = store as downloaded)
     retry_failed: bool = False  # re-fetch the earlier failures of retry_kinds, keep everything else
     retry_kinds: list[str] = field(default_factory=lambda: list(RETRYABLE_KINDS))
+    # one run per OUTPUT (core/lock.py) and no silent hang (core/dispatch.py)
+    lock_ttl: float = 60.0  # seconds OUTPUT's lease lives without renewal: a killed run's is taken over then
+    break_lock: bool = False  # take OUTPUT's lease even if another run still renews it
+    stall_timeout: float = 1800.0  # seconds without any progress before the run stops, naming stage and shard
 
     def all_rules(self) -> list[str]:
         return (preset_rules(self.preset) if self.preset else []) + list(self.rules)
@@ -102,7 +106,7 @@ class CurateConfig:
 
     def to_dict(self) -> dict:
         """The config as the manifest records it."""
-        return {k: v for k, v in self.__dict__.items() if k != "overwrite"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("overwrite", "break_lock")}
 
     def fingerprint(self) -> dict:
         """What decides the outputs: a rerun into the same OUTPUT must match it to resume."""
@@ -128,6 +132,9 @@ class CurateConfig:
         for key in ("batch_size", "decode_batch_size", "max_image_pixels"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        for key in ("lock_ttl", "stall_timeout"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"{key}: must be > 0 seconds, got {getattr(self, key)}")
         if self.num_actors < 0 or self.actor_cpus < 0:
             raise ConfigError("num_actors / actor_cpus: must be >= 0 (0 = automatic)")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):

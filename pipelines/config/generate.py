@@ -40,6 +40,9 @@ class GenerateConfig:
     address: str | None = None
     overwrite: bool = False
     progress: bool = True
+    lock_ttl: float = 60.0  # seconds OUTPUT's lease lives without renewal (core/lock.py)
+    break_lock: bool = False  # take OUTPUT's lease even if another run still renews it
+    stall_timeout: float = 1800.0  # seconds without any progress before the run stops (core/dispatch.py)
 
     def fingerprint(self, tool: str) -> dict:
         keep = ("model", "revision", "scheduler", "dtype", "watermark", "prompts", "from_captions", "input", "limit",
@@ -59,6 +62,9 @@ class GenerateConfig:
             raise ConfigError("model: a diffusers pipeline (local dir, hub id or fsspec URL) is required")
         if self.batch_size < 1 or self.shard_size < 1:
             raise ConfigError("batch_size and shard_size: must be >= 1")
+        for key in ("lock_ttl", "stall_timeout"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"{key}: must be > 0 seconds, got {getattr(self, key)}")
         if tool == "augment":
             if not 0 < self.strength <= 1:
                 raise ConfigError(f"strength: {self.strength} must be in (0, 1]")
@@ -70,4 +76,5 @@ class GenerateConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d.pop("overwrite", None)
+        d.pop("break_lock", None)
         return json.loads(json.dumps(d))
