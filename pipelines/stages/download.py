@@ -257,8 +257,7 @@ def read_download(dest: str, shard: UrlShard) -> pa.Table | None:
     with fsutil.open_file(index_url) as f:
         index = pq.read_table(f, use_threads=False)
     info = json.loads((index.schema.metadata or {}).get(META_KEY, b"{}"))
-    fs, path = fsutil.get_fs(tar_url)
-    if (info.get("tar_size") != fs.size(path) or info.get("source") != shard.url
+    if (info.get("tar_size") != fsutil.size(tar_url) or info.get("source") != shard.url
             or [info.get("start"), info.get("stop")] != [shard.start, shard.stop]):
         return None  # a retry replaced the tar and was interrupted before its index: redo
     return index
@@ -309,8 +308,7 @@ def download_shard(shard: UrlShard, dest: str, tmp_dir: str, rules: RuleSet, opt
         results.close()  # stops the thread pool if writing failed
         if hasattr(previous, "close"):
             previous.close()
-    fs, path = fsutil.get_fs(tar_url)
-    info = {"source": shard.url, "start": shard.start, "stop": shard.stop, "tar_size": fs.size(path),
+    info = {"source": shard.url, "start": shard.start, "stop": shard.stop, "tar_size": fsutil.size(tar_url),
             "resize_max_side": options.resize_max_side}
     index = pa.Table.from_pylist(records, schema=INDEX_SCHEMA).replace_schema_metadata(
         {META_KEY: json.dumps(info).encode()})
