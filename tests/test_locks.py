@@ -241,6 +241,7 @@ def gen(tiny_models, tmp_path_factory):
         yield {"args": args, "env": env, "ref": ref, "dir": d}
 
 
+@pytest.mark.faults
 def test_two_runs_started_at_once_one_is_refused_the_other_completes(gen, tmp_path):
     out = tmp_path / "out"
     a = cli(gen["args"](out, "--quiet"), gen["env"], tmp_path / "a.log")
@@ -253,6 +254,7 @@ def test_two_runs_started_at_once_one_is_refused_the_other_completes(gen, tmp_pa
     assert_same_outputs(gen["ref"], out)
 
 
+@pytest.mark.faults
 def test_a_killed_runs_lease_refuses_the_next_run_until_break_lock(gen, tmp_path):
     out = tmp_path / "out"
     a = cli(gen["args"](out), gen["env"], tmp_path / "a.log")

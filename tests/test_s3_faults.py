@@ -225,6 +225,7 @@ def assert_same_objects(moto, ref: str, got: str) -> int:
     return rows
 
 
+@pytest.mark.faults
 def test_curate_through_a_faulty_store_equals_a_clean_run(s3_cluster, moto):
     proxy = s3_cluster["proxy"]
     proxy.mode = "faults"
@@ -239,6 +240,7 @@ def test_curate_through_a_faulty_store_equals_a_clean_run(s3_cluster, moto):
     assert assert_same_objects(moto, "clean", "faulty") == 60
 
 
+@pytest.mark.faults
 def test_a_store_down_mid_run_stops_it_in_one_line_and_the_rerun_resumes(s3_cluster, moto):
     proxy = s3_cluster["proxy"]
     fs = moto.filesystem()

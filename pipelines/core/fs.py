@@ -139,9 +139,9 @@ def full_disk_error(url: str, e: OSError, spool: str | None = None) -> StorageFu
         except OSError:
             pass
     what = f"the local spool {spool} (uploading {url})" if spool else url
+    hint = " (or set SHARDSMITH_SPOOL_DIR to a larger folder)" if spool else ""
     return StorageFullError(f"no space left on device writing {what} ({os.strerror(e.errno)}{free}); nothing of "
-                            "it was committed: free some space (or set SHARDSMITH_SPOOL_DIR) and rerun the same "
-                            "command to resume")
+                            f"it was committed: free some space{hint} and rerun the same command to resume")
 
 
 def with_retries(what: str, url: str, fn: Callable[[], T], policy: RetryPolicy | None = None,
