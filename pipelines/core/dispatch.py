@@ -100,17 +100,17 @@ class ShardCollector:
     def incomplete(self) -> list[str]:
         return sorted(set(self.parts) | set(self.totals))
 
-    def waiting_for(self, names: list[str] | None = None) -> str:
-        """The shards still expected, for a stall message: those begun first, with their counts."""
+    def waiting_for(self, names: list[str] | None = None, shown_max: int = 3) -> str:
+        """The shards still expected, for a stall message: those begun (with their counts), then
+        those with no row yet, the first ``shown_max`` of them named."""
         begun = [n for n in sorted(self.seen) if n not in self.finished]
-        shown = [f"shard {n} ({self.seen[n]} of {self.totals.get(n, '?')} rows received)" for n in begun[:3]]
         not_begun = [n for n in (names or []) if n not in self.seen]
-        if not shown and not_begun:
-            shown, not_begun = [f"shard {not_begun[0]} (no row received yet)"], not_begun[1:]
-        more = max(0, len(begun) - 3) + len(not_begun)
+        shown = [f"shard {n} ({self.seen[n]} of {self.totals.get(n, '?')} rows received)" for n in begun]
+        shown += [f"shard {n} (no row received yet)" for n in not_begun]
         if not shown:
             return "the rest of its rows"
-        return ", ".join(shown) + (f" and {more} more shard(s)" if more else "")
+        more = len(shown) - shown_max
+        return ", ".join(shown[:shown_max]) + (f" and {more} more shard(s)" if more > 0 else "")
 
 
 class Dispatcher:
@@ -229,12 +229,25 @@ class _Feed:
         self.stop.set()
 
 
+def stop_dataset(ds, error: BaseException | None = None) -> None:
+    """Shut a dataset's running execution down (its actors too) from the driver's main thread, so
+    that a feed blocked on it ends while Ray is still up. Ray Data 2.60 keeps the executor of a
+    dataset being iterated in ``Dataset._current_executor``; without it, nothing is done."""
+    executor = getattr(ds, "_current_executor", None)
+    if executor is not None:
+        try:
+            executor.shutdown(force=True, exception=error if isinstance(error, Exception) else None)
+        except Exception:
+            pass
+
+
 def stream_to_writers(batches, collector: ShardCollector, submit: Callable[[str, pa.Table | None], object],
-                      dispatcher: Dispatcher, progress=None, stage: str = "score", names: list[str] | None = None
-                      ) -> None:
+                      dispatcher: Dispatcher, progress=None, stage: str = "score", names: list[str] | None = None,
+                      on_stop: Callable[[BaseException], None] | None = None) -> None:
     """Consume ``batches``; hand each complete shard's rows to ``submit`` (returning the Ray
     ObjectRef of its writer task) through ``dispatcher``; wait for every writer. ``stage`` and
-    ``names`` (the shards to do, in order) name what a stall waits for."""
+    ``names`` (the shards to do, in order) name what a stall waits for; ``on_stop(error)`` stops
+    the dataflow when the driver gives up on it (a stall, a writer's error, Ctrl-C)."""
     watchdog = dispatcher.watchdog
     watchdog.progress()
     feed = _Feed(batches)
@@ -256,6 +269,12 @@ def stream_to_writers(batches, collector: ShardCollector, submit: Callable[[str,
             for name, table in done:
                 dispatcher.submit(submit(name, table), tag=table.num_rows if table is not None else 0, name=name)
             dispatcher.poll()
+    except BaseException as e:
+        feed.close()
+        if on_stop is not None:
+            on_stop(e)
+            feed.thread.join(timeout=10)
+        raise
     finally:
         feed.close()
     missing = collector.incomplete()
