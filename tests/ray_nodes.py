@@ -129,6 +129,7 @@ class LocalRayCluster:
         self.env = env
         self.object_store_bytes = object_store_bytes
         self.nodes: list[tuple[subprocess.Popen, object]] = []
+        self.killed: set[int] = set()  # pids of nodes killed on purpose (kill_node)
         self.gcs_address: str | None = None
         self.dashboard_url: str | None = None
         # Unix socket paths are limited to ~107 bytes: keep the session root short.
@@ -202,11 +203,29 @@ class LocalRayCluster:
         if resources:
             args.append(f"--resources={json.dumps(resources)}")
         self._spawn(args, f"node{len(self.nodes)}")
-        self.wait_for_nodes(len(self.nodes), timeout)
+        self.wait_for_nodes(len([p for p, _ in self.nodes if p.pid not in self.killed]), timeout)
+
+    def kill_node(self, index: int) -> list[int]:
+        """SIGKILL node ``index`` the way a lost machine goes (spot preemption): its ``ray start``
+        process, its raylet and every worker and agent below them, at once. Returns the pids."""
+        proc, _ = self.nodes[index]
+        self.killed.add(proc.pid)
+        pids = [proc.pid, *descendants(proc.pid)]
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        proc.wait(timeout=30)
+        return pids
 
     def _check_alive(self) -> None:
         for proc, log in self.nodes:
-            if proc.poll() is not None:
+            if proc.poll() is not None and proc.pid not in self.killed:
                 raise RuntimeError(f"ray start exited with {proc.returncode}: see {log.name}:\n{self.logs()[-3000:]}")
 
     def _get(self, path: str, timeout: float = 10) -> dict:
@@ -238,6 +257,16 @@ class LocalRayCluster:
                 return nodes
             time.sleep(1)
         raise TimeoutError(f"{len(nodes)} of {n} Ray nodes alive after {timeout:.0f} s:\n{self.logs()[-3000:]}")
+
+    def wait_for_exactly(self, n: int, timeout: float = 120) -> None:
+        """Until the GCS counts exactly ``n`` alive nodes (a killed node is declared dead only after
+        its health checks fail)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if len(self.alive_nodes()) == n:
+                return
+            time.sleep(1)
+        raise TimeoutError(f"{len(self.alive_nodes())} Ray nodes alive, expected {n}, after {timeout:.0f} s")
 
     def wait_for_dashboard(self, timeout: float) -> None:
         import urllib.error
@@ -301,6 +330,33 @@ class LocalRayCluster:
         self.reservations.clear()
         for d in self.temp_dirs:
             shutil.rmtree(d, ignore_errors=True)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid``, from /proc (no name matching across the machine)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def group_alive(pgid: int) -> bool:

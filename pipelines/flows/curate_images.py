@@ -75,7 +75,13 @@ def run_images(cfg: CurateConfig, todo: list[InputShard], rules, spec, scorer, l
     downloaded shards the writer reads (``write_shards``, by name)."""
     import ray
 
-    from shardsmith.pipelines.core.dispatch import Dispatcher, ShardCollector, progress_on_commit, stream_to_writers
+    from shardsmith.pipelines.core.dispatch import (
+        Dispatcher,
+        ShardCollector,
+        progress_on_commit,
+        stop_dataset,
+        stream_to_writers,
+    )
     from shardsmith.pipelines.core.progress import Progress
     from shardsmith.pipelines.core.resources import cluster_resources, node_cpus, plan_resources
     from shardsmith.pipelines.formats.img2dataset import expected_rows
@@ -100,7 +106,8 @@ def run_images(cfg: CurateConfig, todo: list[InputShard], rules, spec, scorer, l
     # when the next one is ready (a scored batch late), which delays every shard's commit.
     dispatcher = Dispatcher(max(4, 2 * int(cpus)), progress_on_commit(progress), cfg.stall_timeout, stage="write")
     stream_to_writers(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0), ShardCollector(),
-                      submit, dispatcher, progress, stage="score", names=[s.name for s in todo])
+                      submit, dispatcher, progress, stage="score", names=[s.name for s in todo],
+                      on_stop=lambda e: stop_dataset(ds, e))
 
 
 def url_stage(cfg: CurateConfig, todo: list, rules) -> dict:

@@ -6,7 +6,13 @@ from __future__ import annotations
 import dataclasses
 
 from shardsmith.pipelines.config.generate import GenerateConfig
-from shardsmith.pipelines.core.dispatch import Dispatcher, ShardCollector, progress_on_commit, stream_to_writers
+from shardsmith.pipelines.core.dispatch import (
+    Dispatcher,
+    ShardCollector,
+    progress_on_commit,
+    stop_dataset,
+    stream_to_writers,
+)
 from shardsmith.pipelines.core.lifecycle import RunSpec
 from shardsmith.pipelines.sinks.generated import write_generated_shard
 
@@ -40,7 +46,7 @@ def diffuse_and_write(ds, stage, stage_args: tuple, plan, cfg: GenerateConfig, p
                             stall_timeout=cfg.stall_timeout, stage="write")
     stream_to_writers(ds.iter_batches(batch_size=None, batch_format="pyarrow"), collector,
                       lambda name, rows: writer.remote(name, rows, cfg.output), dispatcher, progress, stage=label,
-                      names=names)
+                      names=names, on_stop=lambda e: stop_dataset(ds, e))
 
 
 def generated_run(cfg: GenerateConfig, tool: str, names: list[str], models: dict, inputs: list, what: str) -> RunSpec:
