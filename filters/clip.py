@@ -96,6 +96,33 @@ class PixelTransform:
     def __init__(self, pil_steps: list):
         self.steps = pil_steps
 
+    def work_pixels(self, width: int, height: int) -> int:
+        """The largest image (in pixels) the steps make from a ``width`` x ``height`` one: a
+        shortest-side resize of a 1 x 65500 image to 224 makes 224 x 14.7 M pixels, so an extreme
+        aspect ratio costs gigabytes however few pixels the file declares. Steps other than
+        torchvision's Resize and CenterCrop are taken to keep the size."""
+        from torchvision.transforms import CenterCrop, Resize
+
+        w, h = max(1, width), max(1, height)
+        most = w * h
+        for t in self.steps:
+            if isinstance(t, Resize):
+                size = t.size
+                if isinstance(size, int) or (isinstance(size, (list, tuple)) and len(size) == 1):
+                    s = size if isinstance(size, int) else size[0]
+                    short, long = min(w, h), max(w, h)
+                    new_short, new_long = s, int(s * long / short)
+                    if t.max_size and new_long > t.max_size:
+                        new_short, new_long = int(t.max_size * new_short / new_long), t.max_size
+                    w, h = (new_short, new_long) if w <= h else (new_long, new_short)
+                else:
+                    h, w = size
+            elif isinstance(t, CenterCrop):
+                ch, cw = t.size
+                w, h = min(w, cw), min(h, ch)
+            most = max(most, w * h)
+        return most
+
     def __call__(self, img: Image.Image) -> np.ndarray:
         for t in self.steps:
             img = t(img)

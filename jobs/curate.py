@@ -23,7 +23,7 @@ import argparse
 
 from shardsmith.filters.presets import PRESETS
 from shardsmith.filters.scores import BUILTIN_HEADS, HEAD_ARCHS
-from shardsmith.jobs.entry import job_main
+from shardsmith.jobs.entry import add_run_arguments, apply_run_arguments, job_main
 
 # CLI flag -> config key, for the flags that map one to one (the built-in heads' from the registry).
 FLAG_KEYS = {
@@ -79,6 +79,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.add_argument("--no-report", action="store_true", help="do not write OUTPUT/report.html at the end "
                                                             "(`shardsmith report OUTPUT` writes it later)")
+    add_run_arguments(p)
     add_fetch_arguments(p)
 
 
@@ -99,6 +100,9 @@ def add_fetch_arguments(p: argparse.ArgumentParser) -> None:
                                         "(default: shardsmith/VERSION and the project URL)")
     g.add_argument("--resize-max-side", type=int, metavar="N",
                    help="downscale images larger than N px at download time (original size kept in the metadata)")
+    g.add_argument("--allow-private-addresses", action="store_true",
+                   help="also fetch URLs on loopback, private, link-local and CGNAT addresses (an intranet mirror); "
+                        "cloud metadata endpoints stay refused (default: such rows are errors, kind blocked_address)")
     g.add_argument("--retry-failed", action="store_true",
                    help="re-fetch only the rows an earlier run into OUTPUT failed with a retryable kind "
                         "(--retry-kinds), keep the rest, and rewrite those shards")
@@ -141,12 +145,15 @@ def config_from_args(args: argparse.Namespace, validate: bool = True):
         cfg.progress = False
     if args.no_report:
         cfg.report = False
+    if getattr(args, "allow_private_addresses", False):
+        cfg.allow_private_addresses = True
     if getattr(args, "retry_failed", False):
         cfg.retry_failed = True
     if getattr(args, "retry_kinds", None):
         cfg.retry_kinds = [k.strip() for k in args.retry_kinds.split(",") if k.strip()]
     if cfg.preset == "none":
         cfg.preset = None
+    apply_run_arguments(args, cfg)
     if validate:
         cfg.validate()
     return cfg

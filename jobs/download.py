@@ -20,7 +20,7 @@ import argparse
 
 from shardsmith.filters.presets import PRESETS
 from shardsmith.jobs.curate import FLAG_KEYS, add_fetch_arguments
-from shardsmith.jobs.entry import job_main
+from shardsmith.jobs.entry import add_run_arguments, apply_run_arguments, job_main
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,6 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="Ray cluster address (default: a local Ray, or RAY_ADDRESS)")
     p.add_argument("--overwrite", action="store_true", help="redo everything in OUTPUT")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    add_run_arguments(p)
     add_fetch_arguments(p)
 
 
@@ -55,10 +56,13 @@ def config_from_args(args: argparse.Namespace, validate: bool = True):
         cfg.preset = None
     cfg.overwrite = cfg.overwrite or args.overwrite
     cfg.progress = cfg.progress and not args.quiet
+    if args.allow_private_addresses:
+        cfg.allow_private_addresses = True
     if args.retry_failed:
         cfg.retry_failed = True
     if args.retry_kinds:
         cfg.retry_kinds = [k.strip() for k in args.retry_kinds.split(",") if k.strip()]
+    apply_run_arguments(args, cfg)
     if validate:
         cfg.validate()
     return cfg

@@ -5,6 +5,8 @@ what can go wrong to exit codes and messages:
 - a ``ShardsmithError`` (configuration, input, output folder): one line
   ``shardsmith JOB: error: MESSAGE`` on stderr, exit code 2;
 - Ctrl-C: exit code 130, saying what is committed in OUTPUT and how to resume;
+- the Ray cluster losing work in progress (a node, an actor or an object lost, and Ray's own
+  retries spent): one line saying so and what is committed, exit code 1;
 - anything else is a bug or an outage: its traceback, exit code 1.
 """
 
@@ -14,8 +16,14 @@ import argparse
 import sys
 from typing import Callable
 
-from shardsmith.errors import EXIT_INTERRUPTED, ShardsmithError, one_line
+from shardsmith.errors import EXIT_FAILED, EXIT_INTERRUPTED, ShardsmithError, one_line
 from shardsmith.pipelines.core.progress import close_live_bars
+
+# Ray's errors for work lost with a node, a worker or an object (matched by name: no Ray import here).
+RAY_LOSSES = {"ObjectLostError", "ObjectFetchTimedOutError", "OwnerDiedError", "ObjectReconstructionFailedError",
+              "ObjectReconstructionFailedMaxAttemptsExceededError", "ObjectReconstructionFailedLineageEvictedError",
+              "ReferenceCountingAssertionError", "NodeDiedError", "ActorDiedError", "ActorUnavailableError",
+              "WorkerCrashedError", "LocalRayletDiedError", "RaySystemError", "NodeAffinitySchedulingError"}
 
 
 def job_main(module: str, doc: str | None, add_arguments: Callable, run: Callable[[argparse.Namespace], int],
@@ -36,6 +44,20 @@ def invoke(tool: str, run: Callable[[argparse.Namespace], int | None], args: arg
         close_live_bars()
         print(f"shardsmith {tool}: error: {one_line(e)}", file=sys.stderr)
         return e.exit_code
+    except Exception as e:
+        found = user_error(e)  # raised in a Ray task or a dataset stage, and wrapped on its way here
+        if found is not None:
+            print(f"shardsmith {tool}: error: {one_line(found)}", file=sys.stderr)
+            return found.exit_code
+        lost = cluster_loss(e)
+        if lost is None:
+            raise
+        output = getattr(args, "output", None) if commits else None
+        note = f" {committed_note(output)}" if output else ""
+        first = (str(lost).strip().splitlines() or [""])[0][:300]
+        print(f"shardsmith {tool}: error: the Ray cluster lost work in progress ({type(lost).__name__}: {first})."
+              f"{note} Rerun the same command to resume: committed shards are skipped.", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         close_live_bars()
         output = getattr(args, "output", None) if commits else None
@@ -43,6 +65,52 @@ def invoke(tool: str, run: Callable[[argparse.Namespace], int | None], args: arg
                "others are redone." if output else ""
         print(f"\nshardsmith {tool}: interrupted.{note}", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def user_error(e: BaseException) -> ShardsmithError | None:
+    """The ``ShardsmithError`` an exception was raised from (a Ray task's ``cause``, or ``raise ...
+    from``), if any."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, ShardsmithError):
+            return e
+        cause = getattr(e, "cause", None)
+        e = cause if isinstance(cause, BaseException) else e.__cause__
+    return None
+
+
+def cluster_loss(e: BaseException) -> BaseException | None:
+    """The Ray error for lost work (a node, worker, actor or object) an exception comes from."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if any(c.__name__ in RAY_LOSSES for c in type(e).__mro__):
+            return e
+        cause = getattr(e, "cause", None)
+        e = cause if isinstance(cause, BaseException) else (e.__cause__ or e.__context__)
+    return None
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """The options every job that commits shards to an OUTPUT has (``apply_run_arguments``)."""
+    g = p.add_argument_group("one run per OUTPUT, no silent hang")
+    g.add_argument("--break-lock", action="store_true",
+                   help="take OUTPUT's lease even though another run still renews it (only when you know that run "
+                        "is dead; a killed run's lease is taken over by itself once it expires)")
+    g.add_argument("--lock-ttl", type=float, metavar="S",
+                   help="seconds OUTPUT's lease lives without renewal; renewed every S/3 (default 60)")
+    g.add_argument("--stall-timeout", type=float, metavar="S",
+                   help="stop the run, naming the stage and shard, after S seconds without any progress (a hung "
+                        "or repeatedly dying actor); committed shards stay, a rerun resumes (default 1800)")
+
+
+def apply_run_arguments(args: argparse.Namespace, cfg) -> None:
+    if getattr(args, "break_lock", False):
+        cfg.break_lock = True
+    for key in ("lock_ttl", "stall_timeout"):
+        if getattr(args, key, None) is not None:
+            setattr(cfg, key, getattr(args, key))
 
 
 def committed_note(output: str) -> str:

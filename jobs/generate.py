@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 
-from shardsmith.jobs.entry import job_main
+from shardsmith.jobs.entry import add_run_arguments, apply_run_arguments, job_main
 
 
 # CLI flag -> config key (``defaults.*``: the per-row defaults of the prompt table); a flag not
@@ -60,6 +60,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="Ray cluster address (default: a local Ray)")
     p.add_argument("--overwrite", action="store_true", default=None, help="redo everything in OUTPUT")
     p.add_argument("--quiet", action="store_true", default=None, help="no progress lines")
+    add_run_arguments(p)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -80,6 +81,7 @@ def config_from_args(args: argparse.Namespace, validate: bool = True, flags: dic
     from shardsmith.pipelines.config.generate import GenerateConfig
 
     cfg = from_args(GenerateConfig, args, flags)
+    apply_run_arguments(args, cfg)
     if validate:
         cfg.validate(tool)
     return cfg

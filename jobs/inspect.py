@@ -160,8 +160,10 @@ def image_size(data: bytes | None) -> tuple[int, int] | None:
         return None
     from PIL import Image
 
+    from shardsmith.pipelines.formats.tar import PIL_FORMATS
+
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(data), formats=PIL_FORMATS) as im:
             return im.size
     except Exception:
         return None

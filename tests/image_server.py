@@ -1,12 +1,14 @@
 """A loopback HTTP server that serves images and misbehaves on purpose, for the fetch tests.
 
 Routes are registered per path: ``server.add(path, behaviour, ...)``. Every request is counted per
-path (``server.count(path)``), with its User-Agent, so tests can prove what was (not) fetched.
+path (``server.count(path)``, ``server.total()``), with its User-Agent and Host header, so tests can
+prove what was (not) fetched. It listens on 127.0.0.1 (or ``host="::1"``), on a port it binds itself.
 Handlers that wait (slow, endless) watch a stop event, so ``close()`` ends every thread quickly.
 """
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections import Counter
@@ -21,6 +23,10 @@ class _QuietServer(ThreadingHTTPServer):
             super().handle_error(request, client_address)
 
 
+class _QuietServer6(_QuietServer):
+    address_family = socket.AF_INET6
+
+
 class Route:
     def __init__(self, kind: str, body: bytes = b"", ctype: str = "image/jpeg", **opts):
         self.kind, self.body, self.ctype, self.opts = kind, body, ctype, opts
@@ -29,10 +35,12 @@ class Route:
 class ImageServer:
     """``with ImageServer() as s: s.add("/a.jpg", "ok", body=...); s.url("/a.jpg")``"""
 
-    def __init__(self):
+    def __init__(self, host: str = "127.0.0.1"):
+        self.host = host
         self.routes: dict[str, Route] = {}
         self.counts: Counter = Counter()
         self.agents: list[str] = []
+        self.hosts: list[str] = []  # Host headers, in request order
         self.peers: set = set()  # client (address, port) pairs: one per TCP connection
         self.lock = threading.Lock()
         self.stop = threading.Event()
@@ -51,6 +59,7 @@ class ImageServer:
                     outer.counts[path] += 1
                     n = outer.counts[path]
                     outer.agents.append(self.headers.get("User-Agent", ""))
+                    outer.hosts.append(self.headers.get("Host", ""))
                     outer.peers.add(self.client_address)
                 route = outer.routes.get(path)
                 try:
@@ -58,7 +67,8 @@ class ImageServer:
                 except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
                     self.close_connection = True
 
-        self.httpd = _QuietServer(("127.0.0.1", 0), Handler)
+        server_class = _QuietServer6 if ":" in host else _QuietServer
+        self.httpd = server_class((host, 0), Handler)
         self.httpd.daemon_threads = False
         self.httpd.block_on_close = True  # server_close() joins the handler threads
         self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
@@ -68,8 +78,13 @@ class ImageServer:
     # -- setup -----------------------------------------------------------------------------
 
     @property
+    def port(self) -> int:
+        return self.httpd.server_address[1]
+
+    @property
     def base(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
 
     def url(self, path: str) -> str:
         return self.base + path
@@ -82,10 +97,16 @@ class ImageServer:
         with self.lock:
             return self.counts[path]
 
+    def total(self) -> int:
+        """Requests received, all paths together."""
+        with self.lock:
+            return sum(self.counts.values())
+
     def reset_counts(self) -> None:
         with self.lock:
             self.counts.clear()
             self.agents.clear()
+            self.hosts.clear()
             self.peers.clear()
 
     def close(self) -> None:

@@ -8,7 +8,12 @@ never kill by name). Stopping sends SIGTERM to the ``ray start`` processes, wait
 Nodes are started with ``--node-ip-address=127.0.0.1``, but Ray 2.60 resolves a loopback node
 address to the machine's own (``resolve_ip_for_localhost``) and its GCS / raylet ports listen on
 every interface; only the dashboard honours 127.0.0.1. Token authentication guards the rest.
-Every port is chosen free, so two test clusters, or another engineer's Ray, do not collide."""
+No port is chosen by probing: every server that can binds port 0 itself and reports the port it
+got (GCS, dashboard, raylet, object manager, agents, metrics; workers bind their own with no port
+window), and the address is read from ``ray start``'s own output. The one port Ray cannot take as
+0, the head's Ray Client server, is reserved below the kernel's ephemeral range (where the OS never
+hands out ports) under a lock file held for the cluster's life, so two test clusters never pick the
+same one (``reserve_port``)."""
 
 from __future__ import annotations
 
@@ -45,30 +50,51 @@ def die_with_parent() -> None:
         _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+PORT_LOCKS = "/tmp/shardsmith-test-ports"
 
 
-def free_port_range(n: int = 60, tries: int = 50) -> tuple[int, int]:
-    """A window of ``n`` consecutive free ports for a node's workers (Ray's default window,
-    10002-19999, is shared by every Ray on the machine)."""
-    for _ in range(tries):
-        lo = random.randrange(20000, 60000 - n)
-        socks = []
-        try:
-            for p in range(lo, lo + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", p))
-            return lo, lo + n - 1
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError(f"no window of {n} free ports found")
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+class PortReservation:
+    """A TCP port below the ephemeral range, held under ``PORT_LOCKS/PORT.lock`` (flock) until
+    ``release``: the OS never assigns it to a ``bind(0)`` or an outgoing connection, and every
+    test helper that reserves ports skips a locked one, so it stays free for the server it is
+    given to. Ray's default ports (6379, 8265, 10001, 10002-19999, 52365) are outside the range."""
+
+    def __init__(self, low: int = 20000, high: int | None = None, tries: int = 200):
+        import fcntl
+
+        high = min(high or 32767, _ephemeral_low() - 1)
+        os.makedirs(PORT_LOCKS, exist_ok=True)
+        rnd = random.Random(os.getpid() ^ time.monotonic_ns())
+        for _ in range(tries):
+            port = rnd.randint(low, high)
+            fd = os.open(os.path.join(PORT_LOCKS, f"{port}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                continue
+            with socket.socket() as s:  # not locked, but maybe bound by something else: skip it
+                try:
+                    s.bind(("0.0.0.0", port))
+                except OSError:
+                    os.close(fd)
+                    continue
+            self.port, self._fd = port, fd
+            return
+        raise RuntimeError(f"no free port to reserve in {low}-{high}")
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # drops the flock
+            self._fd = None
 
 
 def write_token(path: str) -> str:
@@ -103,11 +129,13 @@ class LocalRayCluster:
         self.env = env
         self.object_store_bytes = object_store_bytes
         self.nodes: list[tuple[subprocess.Popen, object]] = []
+        self.killed: set[int] = set()  # pids of nodes killed on purpose (kill_node)
         self.gcs_address: str | None = None
         self.dashboard_url: str | None = None
         # Unix socket paths are limited to ~107 bytes: keep the session root short.
         self.temp_dir = f"/tmp/ss-{secrets.token_hex(4)}"
         self.temp_dirs = [self.temp_dir]
+        self.reservations: list[PortReservation] = []
 
     def __enter__(self) -> "LocalRayCluster":
         return self
@@ -116,12 +144,11 @@ class LocalRayCluster:
         self.stop()
 
     def _node_ports(self) -> list[str]:
-        lo, hi = free_port_range()
-        return ["--node-ip-address=127.0.0.1",
-                f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
-                f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-                f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
-                f"--min-worker-port={lo}", f"--max-worker-port={hi}",
+        """Every port 0: each server binds its own and Ray passes the ports on (port files in the
+        session folder, the GCS's node table); workers bind any free port (no window)."""
+        return ["--node-ip-address=127.0.0.1", "--node-manager-port=0", "--object-manager-port=0",
+                "--dashboard-agent-listen-port=0", "--dashboard-agent-grpc-port=0", "--metrics-export-port=0",
+                "--runtime-env-agent-port=0", "--min-worker-port=0", "--max-worker-port=0",
                 f"--object-store-memory={self.object_store_bytes}", "--disable-usage-stats", "--block"]
 
     def _spawn(self, args: list[str], name: str) -> subprocess.Popen:
@@ -132,18 +159,38 @@ class LocalRayCluster:
         return proc
 
     def start_head(self, num_cpus: float = 1, resources: dict | None = None, timeout: float = 90) -> str:
-        port, dash = free_port(), free_port()
-        self.gcs_address = f"127.0.0.1:{port}"
-        self.dashboard_url = f"http://127.0.0.1:{dash}"
-        args = ["--head", f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-                f"--ray-client-server-port={free_port()}", f"--num-cpus={num_cpus}", "--num-gpus=0",
+        # The head's GCS and dashboard bind port 0; ``ray start`` prints the addresses they got.
+        # Ray Client's server needs a real port: one reserved for the cluster's life.
+        client = PortReservation()
+        self.reservations.append(client)
+        args = ["--head", "--port=0", "--dashboard-host=127.0.0.1", "--dashboard-port=0",
+                f"--ray-client-server-port={client.port}", f"--num-cpus={num_cpus}", "--num-gpus=0",
                 f"--temp-dir={self.temp_dir}", *self._node_ports()]
         if resources:
             args.append(f"--resources={json.dumps(resources)}")
         self._spawn(args, "head")
+        gcs_port, self.dashboard_url = self._read_head_addresses(timeout)
+        self.gcs_address = f"127.0.0.1:{gcs_port}"  # the GCS listens on every interface
         self.wait_for_dashboard(timeout)
         self.wait_for_nodes(1, timeout)
         return self.dashboard_url
+
+    def _read_head_addresses(self, timeout: float) -> tuple[int, str]:
+        """(GCS port, dashboard URL) as ``ray start --head`` prints them once its servers are up."""
+        import re
+
+        proc, log = self.nodes[0]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._check_alive()
+            with open(log.name, "rb") as f:
+                text = re.sub(r"\x1b\[[0-9;]*m", "", f.read().decode(errors="replace"))
+            gcs = re.search(r"ray start --address='[^':]+:(\d+)'", text)
+            dash = re.search(r"RAY_API_SERVER_ADDRESS='(http://127\.0\.0\.1:\d+)'", text)
+            if gcs and dash:
+                return int(gcs.group(1)), dash.group(1)
+            time.sleep(0.5)
+        raise TimeoutError(f"ray start --head printed no addresses after {timeout:.0f} s:\n{self.logs()[-3000:]}")
 
     def add_node(self, num_cpus: float = 1, resources: dict | None = None, timeout: float = 90) -> None:
         assert self.gcs_address, "start_head first"
@@ -156,11 +203,29 @@ class LocalRayCluster:
         if resources:
             args.append(f"--resources={json.dumps(resources)}")
         self._spawn(args, f"node{len(self.nodes)}")
-        self.wait_for_nodes(len(self.nodes), timeout)
+        self.wait_for_nodes(len([p for p, _ in self.nodes if p.pid not in self.killed]), timeout)
+
+    def kill_node(self, index: int) -> list[int]:
+        """SIGKILL node ``index`` the way a lost machine goes (spot preemption): its ``ray start``
+        process, its raylet and every worker and agent below them, at once. Returns the pids."""
+        proc, _ = self.nodes[index]
+        self.killed.add(proc.pid)
+        pids = [proc.pid, *descendants(proc.pid)]
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        proc.wait(timeout=30)
+        return pids
 
     def _check_alive(self) -> None:
         for proc, log in self.nodes:
-            if proc.poll() is not None:
+            if proc.poll() is not None and proc.pid not in self.killed:
                 raise RuntimeError(f"ray start exited with {proc.returncode}: see {log.name}:\n{self.logs()[-3000:]}")
 
     def _get(self, path: str, timeout: float = 10) -> dict:
@@ -192,6 +257,16 @@ class LocalRayCluster:
                 return nodes
             time.sleep(1)
         raise TimeoutError(f"{len(nodes)} of {n} Ray nodes alive after {timeout:.0f} s:\n{self.logs()[-3000:]}")
+
+    def wait_for_exactly(self, n: int, timeout: float = 120) -> None:
+        """Until the GCS counts exactly ``n`` alive nodes (a killed node is declared dead only after
+        its health checks fail)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if len(self.alive_nodes()) == n:
+                return
+            time.sleep(1)
+        raise TimeoutError(f"{len(self.alive_nodes())} Ray nodes alive, expected {n}, after {timeout:.0f} s")
 
     def wait_for_dashboard(self, timeout: float) -> None:
         import urllib.error
@@ -250,8 +325,38 @@ class LocalRayCluster:
                 time.sleep(0.2)
             log.close()
         self.nodes.clear()
+        for r in self.reservations:
+            r.release()
+        self.reservations.clear()
         for d in self.temp_dirs:
             shutil.rmtree(d, ignore_errors=True)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid``, from /proc (no name matching across the machine)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def group_alive(pgid: int) -> bool:

@@ -1,5 +1,6 @@
-"""A real S3-compatible server for tests: moto's standalone server, in its own process on a free
-loopback port, reached through s3fs exactly like AWS or MinIO would be.
+"""A real S3-compatible server for tests: moto's standalone server, in its own process on a
+loopback port it binds itself (port 0) and reports on its first line of output, reached through
+s3fs exactly like AWS or MinIO would be.
 
 Credentials reach the code the way they do in production: environment variables
 (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY), the endpoint through AWS_ENDPOINT_URL_S3 (botocore's
@@ -11,7 +12,6 @@ from __future__ import annotations
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,11 +20,16 @@ import urllib.request
 
 from ray_nodes import die_with_parent
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# The child binds 127.0.0.1:0, prints the port it got, then serves: no port is probed and reused.
+_SERVE = """
+import signal, sys
+from moto.server import ThreadedMotoServer
+server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+server.start()
+print("PORT", server.get_host_and_port()[1], flush=True)
+signal.sigwait({signal.SIGTERM, signal.SIGINT})
+server.stop()
+"""
 
 
 class MotoServer:
@@ -32,8 +37,8 @@ class MotoServer:
 
     def __init__(self, log_path: str):
         self.log_path = log_path
-        self.port = _free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.port: int | None = None
+        self.endpoint = ""
         # Random per run, so a test can grep the outputs for them and find nothing by chance.
         self.access_key = "AKIATEST" + secrets.token_hex(6).upper()
         self.secret_key = "secret-" + secrets.token_hex(16)
@@ -50,9 +55,14 @@ class MotoServer:
 
     def __enter__(self) -> "MotoServer":
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-                                     stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     start_new_session=True, preexec_fn=die_with_parent)
+        self.proc = subprocess.Popen([sys.executable, "-c", _SERVE], stdout=subprocess.PIPE, stderr=self._log,
+                                     stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent)
+        line = self.proc.stdout.readline().decode()  # blocks until the server is bound (or the child died)
+        if not line.startswith("PORT "):
+            self.__exit__()
+            raise RuntimeError(f"moto server did not start ({line!r}); see {self.log_path}")
+        self.port = int(line.split()[1])
+        self.endpoint = f"http://127.0.0.1:{self.port}"
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -75,6 +85,8 @@ class MotoServer:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout=10)
+        if self.proc and self.proc.stdout:
+            self.proc.stdout.close()
         self._log.close()
 
     def filesystem(self):

@@ -20,7 +20,7 @@ from shardsmith.pipelines.flows.curate import run_curate
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 QUIET = dict(log=lambda *a: None)
 FETCH = dict(mode="urls", fetch_timeout=2.0, fetch_deadline=4.0, fetch_retries=1, fetch_max_bytes=2_000_000,
-             fetch_threads=8)
+             fetch_threads=8, allow_private_addresses=True)  # the site is a loopback server
 
 
 def tar_samples(path: str) -> dict[str, dict]:
@@ -288,7 +288,8 @@ def test_download_command_writes_img2dataset_shards(ray_local, site, tmp_path):
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "part-00007.parquet")
     out = tmp_path / "dl"
     code = main(["download", str(tmp_path / "part-00007.parquet"), str(out), "--rule", "punsafe < 0.5",
-                 "--fetch-timeout", "1", "--fetch-deadline", "3", "--fetch-retries", "0", "--quiet"])
+                 "--fetch-timeout", "1", "--fetch-deadline", "3", "--fetch-retries", "0", "--quiet",
+                 "--allow-private-addresses"])
     assert code == 0
     index = pq.read_table(out / "part-00007.parquet").to_pylist()
     assert len(index) == 6 and os.path.exists(out / "part-00007.tar")
@@ -346,7 +347,8 @@ def test_a_half_replaced_download_is_detected_and_fetched_again(site, tmp_path):
     rows = [{"URL": site["server"].url(f"/img/{k}.{image_ext(site['samples'][k])}"), "TEXT": "x"} for k in keys]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "m.parquet")
     shard = plan_url_shards(str(tmp_path / "m.parquet"), 100)[0]
-    opts = DownloadOptions(FetchOptions(connect_timeout=2, read_timeout=2, deadline=4), threads=2)
+    opts = DownloadOptions(FetchOptions(connect_timeout=2, read_timeout=2, deadline=4, allow_private_addresses=True),
+                           threads=2)
     dest, tmp = str(tmp_path / "dl"), str(tmp_path / "_tmp")
     site["server"].reset_counts()
     first = download_shard(shard, dest, tmp, RuleSet([]), opts, 100)

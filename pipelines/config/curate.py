@@ -59,9 +59,14 @@ class CurateConfig:
     fetch_max_redirects: int = 5
     user_agent: str = ""  # "" = shardsmith/VERSION (+project URL); name your project and a contact
     opt_out_directives: list[str] = field(default_factory=lambda: list(OPT_OUT_DIRECTIVES))  # X-Robots-Tag
+    allow_private_addresses: bool = False  # fetch from loopback/private/link-local addresses (intranet mirrors)
     resize_max_side: int = 0  # downscale larger images at download time (0 = store as downloaded)
     retry_failed: bool = False  # re-fetch the earlier failures of retry_kinds, keep everything else
     retry_kinds: list[str] = field(default_factory=lambda: list(RETRYABLE_KINDS))
+    # one run per OUTPUT (core/lock.py) and no silent hang (core/dispatch.py)
+    lock_ttl: float = 60.0  # seconds OUTPUT's lease lives without renewal: a killed run's is taken over then
+    break_lock: bool = False  # take OUTPUT's lease even if another run still renews it
+    stall_timeout: float = 1800.0  # seconds without any progress before the run stops, naming stage and shard
 
     def all_rules(self) -> list[str]:
         return (preset_rules(self.preset) if self.preset else []) + list(self.rules)
@@ -103,7 +108,7 @@ class CurateConfig:
 
     def to_dict(self) -> dict:
         """The config as the manifest records it."""
-        return {k: v for k, v in self.__dict__.items() if k != "overwrite"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("overwrite", "break_lock")}
 
     def fingerprint(self) -> dict:
         """What decides the outputs: a rerun into the same OUTPUT must match it to resume."""
@@ -131,6 +136,9 @@ class CurateConfig:
         for key in ("batch_size", "decode_batch_size", "max_image_pixels"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        for key in ("lock_ttl", "stall_timeout"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"{key}: must be > 0 seconds, got {getattr(self, key)}")
         if self.num_actors < 0 or self.actor_cpus < 0:
             raise ConfigError("num_actors / actor_cpus: must be >= 0 (0 = automatic)")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):

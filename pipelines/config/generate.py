@@ -40,6 +40,9 @@ class GenerateConfig:
     address: str | None = None
     overwrite: bool = False
     progress: bool = True
+    lock_ttl: float = 60.0  # seconds OUTPUT's lease lives without renewal (core/lock.py)
+    break_lock: bool = False  # take OUTPUT's lease even if another run still renews it
+    stall_timeout: float = 1800.0  # seconds without any progress before the run stops (core/dispatch.py)
 
     def fingerprint(self, tool: str) -> dict:
         keep = ("model", "revision", "scheduler", "dtype", "watermark", "prompts", "from_captions", "input", "limit",
@@ -66,6 +69,9 @@ class GenerateConfig:
             raise ConfigError("input: the webdataset shards to augment are required")
         if self.size is not None and (any(v % 8 or v < 8 for v in self.size)):
             raise ConfigError(f"size: {list(self.size)}: width and height must be positive multiples of 8")
+        for key in ("lock_ttl", "stall_timeout"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"{key}: must be > 0 seconds, got {getattr(self, key)}")
         if tool == "augment":
             if not 0 < self.strength <= 1:
                 raise ConfigError(f"strength: {self.strength} must be in (0, 1]")
@@ -77,4 +83,5 @@ class GenerateConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d.pop("overwrite", None)
+        d.pop("break_lock", None)
         return json.loads(json.dumps(d))

@@ -4,6 +4,7 @@
     OUTPUT/stats.json       its totals, rebuilt from the ledger at the end of every run
     OUTPUT/_ledger/S.json   the commit marker of shard S (its stats), written after its files
     OUTPUT/_tmp/            files being written; moved to their final names when complete
+    OUTPUT/_lease.json      the lease of the run writing OUTPUT (core/lock.py); never removed by --overwrite
     OUTPUT/report.html, OUTPUT/report/   the report
 
 Each job adds its own parts (curate: ``scores/``, ``curated/`` ...; generate: ``NNNNN.tar`` ...),

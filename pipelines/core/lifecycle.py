@@ -1,13 +1,14 @@
 """The run lifecycle every job shares:
 
-    plan shards -> start or check the manifest -> todo from the ledger -> dispatch -> commit each
-    shard -> finish (stats.json, manifest, summary, report)
+    take OUTPUT's lease -> start or check the manifest -> todo from the ledger -> dispatch ->
+    commit each shard -> finish (stats.json, manifest, summary, report) -> release the lease
 
 A flow plans its shards and describes its run in a :class:`RunSpec`; :func:`run_job` does the
 rest and calls the flow's ``execute(todo)`` inside a Ray session for the shards not committed
 yet. Each shard commits itself (``ShardCommit``); ``stats.json`` is rebuilt from the ledger at
 the end, so it never disagrees with what is committed. A rerun of the same command resumes; other
-settings into the same OUTPUT are refused, ``overwrite`` redoes everything.
+settings into the same OUTPUT are refused, ``overwrite`` redoes everything. A second run into an
+OUTPUT another run holds is refused before it writes anything (``core/lock.py``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Callable
 from shardsmith.errors import RunError
 from shardsmith.pipelines.core.layout import COMMON_PARTS, OutputLayout
 from shardsmith.pipelines.core.ledger import Ledger, aggregate
+from shardsmith.pipelines.core.lock import DEFAULT_TTL, Lease
 from shardsmith.pipelines.core.manifest import open_run, write_json
 from shardsmith.pipelines.core.progress import summary
 
@@ -54,11 +56,28 @@ class RunSpec:
     # report are the last stage's
     final: bool = True
     parent: dict | None = None  # the run this one derives from (recurate: RUN's path, fingerprint), in the manifest
+    lock_ttl: float = DEFAULT_TTL  # seconds OUTPUT's lease lives without renewal (core/lock.py)
+    break_lock: bool = False  # take OUTPUT's lease even from a run that still renews it
 
 
 def run_job(spec: RunSpec, execute: Callable[[list[str]], None], log=print) -> dict:
     """Run ``spec``: ``execute(todo)`` runs the dataflow of the shards to do (inside a Ray session);
-    returns the run's stats (also written to stats.json)."""
+    returns the run's stats (also written to stats.json). OUTPUT's lease is held throughout: a
+    run that loses it stops with a ``RunError``."""
+    lease = Lease(spec.output, f"shardsmith {spec.tool}", spec.lock_ttl, spec.break_lock, log)
+    lease.acquire()  # before anything is written
+    lease.start()
+    try:
+        return _run(spec, execute, log)
+    except KeyboardInterrupt:
+        if lease.lost:  # the renewal thread stopped the run
+            raise RunError(lease.lost) from None
+        raise
+    finally:
+        lease.release()
+
+
+def _run(spec: RunSpec, execute: Callable[[list[str]], None], log) -> dict:
     from shardsmith.pipelines.core.resources import ray_session
 
     layout = OutputLayout(spec.output)

@@ -37,7 +37,8 @@ def run_augment(cfg: GenerateConfig, log=print) -> dict:
                                  override_num_blocks=len(todo))
         ds = ds.map_batches(read_shard_rows, batch_size=1, num_cpus=plan.read_cpus, **TASK_STAGE_ARGS)
         diffuse_and_write(ds, AugmentStage, (spec, plan.device, plan.torch_threads, cfg.watermark, cfg), plan, cfg,
-                          Progress("augment", None, len(todo), enabled=cfg.progress), ShardCollector())
+                          Progress("augment", None, len(todo), enabled=cfg.progress), ShardCollector(),
+                          "augment (diffusion actors)", todo)
 
     what = f"{len(shards)} shard(s), {cfg.variants} variant(s) per image"
     run = generated_run(cfg, "augment", list(by_name), describe_model(spec), [s.to_dict() for s in shards], what)

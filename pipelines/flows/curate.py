@@ -106,7 +106,7 @@ def run_curate(cfg: CurateConfig, log=print) -> dict:
         summary_title=f"\ncurate summary ({mode} mode, {len(shards)} shards)",
         summary_notes=([f"\nnot computed (null columns): {', '.join(missing)}"] if missing else [])
         + [f"\noutputs in {cfg.output}: scores/, curated/, stats.json, manifest.json"],
-        after=report_after if cfg.report else None)
+        after=report_after if cfg.report else None, lock_ttl=cfg.lock_ttl, break_lock=cfg.break_lock)
     return run_job(run, execute, log)
 
 
@@ -131,8 +131,9 @@ def run_metadata(cfg: CurateConfig, todo: list, rules) -> None:
     # One CPU per file: the work is CPU-bound, and on a 2-CPU node two tasks of half a CPU each
     # beyond the first two start worker processes that Ray reaps when idle (restarted next run).
     task = ray.remote(num_cpus=1, max_retries=3)(filter_metadata_shard)  # each file commits atomically
-    dispatcher = Dispatcher(max(4, int(4 * cluster_resources()[0])), progress_on_commit(progress))
+    dispatcher = Dispatcher(max(4, int(4 * cluster_resources()[0])), progress_on_commit(progress), cfg.stall_timeout,
+                            stage="metadata filter")
     for shard in todo:
-        dispatcher.submit(task.remote(shard, rules, cfg.output), tag=0)
+        dispatcher.submit(task.remote(shard, rules, cfg.output), tag=0, name=shard.name)
     dispatcher.drain(poll_every=1.0)
     progress.close()

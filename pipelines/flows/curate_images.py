@@ -103,7 +103,13 @@ def run_images(cfg: CurateConfig, todo: list[InputShard], rules, spec, scorer, l
     import ray
 
     from shardsmith.errors import RunError
-    from shardsmith.pipelines.core.dispatch import Dispatcher, ShardCollector, progress_on_commit, stream_to_writers
+    from shardsmith.pipelines.core.dispatch import (
+        Dispatcher,
+        ShardCollector,
+        progress_on_commit,
+        stop_dataset,
+        stream_to_writers,
+    )
     from shardsmith.pipelines.core.layout import OutputLayout
     from shardsmith.pipelines.core.ledger import Ledger
     from shardsmith.pipelines.core.progress import Progress
@@ -135,8 +141,10 @@ def run_images(cfg: CurateConfig, todo: list[InputShard], rules, spec, scorer, l
 
     # No prefetching: the rows are small, and a prefetching iterator hands each block over only
     # when the next one is ready (a scored batch late), which delays every shard's commit.
+    dispatcher = Dispatcher(max(4, 2 * int(cpus)), progress_on_commit(progress), cfg.stall_timeout, stage="write")
     stream_to_writers(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0), ShardCollector(),
-                      submit, Dispatcher(max(4, 2 * int(cpus)), progress_on_commit(progress)), progress)
+                      submit, dispatcher, progress, stage="score", names=[s.name for s in todo],
+                      on_stop=lambda e: stop_dataset(ds, e))
 
 
 def url_stage(cfg: CurateConfig, todo: list, rules) -> dict:

@@ -6,7 +6,13 @@ from __future__ import annotations
 import dataclasses
 
 from shardsmith.pipelines.config.generate import GenerateConfig
-from shardsmith.pipelines.core.dispatch import Dispatcher, ShardCollector, progress_on_commit, stream_to_writers
+from shardsmith.pipelines.core.dispatch import (
+    Dispatcher,
+    ShardCollector,
+    progress_on_commit,
+    stop_dataset,
+    stream_to_writers,
+)
 from shardsmith.pipelines.core.lifecycle import RunSpec
 from shardsmith.pipelines.sinks.generated import write_generated_shard
 
@@ -26,7 +32,7 @@ def diffusion_plan(cfg: GenerateConfig):
 
 
 def diffuse_and_write(ds, stage, stage_args: tuple, plan, cfg: GenerateConfig, progress,
-                      collector: ShardCollector) -> None:
+                      collector: ShardCollector, label: str = "diffusion", names: list[str] | None = None) -> None:
     """``stage`` (one diffusers pipeline per actor) over ``ds``; each complete shard is handed to a
     writer task that commits it."""
     import ray
@@ -36,9 +42,11 @@ def diffuse_and_write(ds, stage, stage_args: tuple, plan, cfg: GenerateConfig, p
                         compute=ActorPoolStrategy(min_size=1, max_size=plan.num_actors),
                         batch_size=cfg.batch_size, num_cpus=plan.actor_cpus, num_gpus=plan.actor_gpus)
     writer = ray.remote(num_cpus=plan.write_cpus, max_retries=3)(write_generated_shard)
-    dispatcher = Dispatcher(window=max(2, 2 * plan.num_actors), on_done=progress_on_commit(progress))
+    dispatcher = Dispatcher(window=max(2, 2 * plan.num_actors), on_done=progress_on_commit(progress),
+                            stall_timeout=cfg.stall_timeout, stage="write")
     stream_to_writers(ds.iter_batches(batch_size=None, batch_format="pyarrow"), collector,
-                      lambda name, rows: writer.remote(name, rows, cfg.output), dispatcher, progress)
+                      lambda name, rows: writer.remote(name, rows, cfg.output), dispatcher, progress, stage=label,
+                      names=names, on_stop=lambda e: stop_dataset(ds, e))
 
 
 def generated_run(cfg: GenerateConfig, tool: str, names: list[str], models: dict, inputs: list, what: str) -> RunSpec:
@@ -48,4 +56,5 @@ def generated_run(cfg: GenerateConfig, tool: str, names: list[str], models: dict
         parts=tuple(f"{n}.{e}" for n in names for e in ("tar", "parquet")),
         extra_stats=lambda stats, layout, log: {"generated": stats["kept"]},
         summary_title=f"\n{tool} summary ({len(names)} shards; kept = images made)",
-        summary_notes=[f"\noutputs in {cfg.output}: NNNNN.tar + NNNNN.parquet (curate reads them back), stats.json"])
+        summary_notes=[f"\noutputs in {cfg.output}: NNNNN.tar + NNNNN.parquet (curate reads them back), stats.json"],
+        lock_ttl=cfg.lock_ttl, break_lock=cfg.break_lock)

@@ -60,9 +60,10 @@ def run_download(cfg: CurateConfig, log=print) -> dict:
         progress = Progress("download", sum(by_name[n].stop - by_name[n].start for n in todo), len(todo),
                             enabled=cfg.progress)
         dispatcher = Dispatcher(window=max(4, 4 * int(ray.cluster_resources().get("CPU", 1))),
-                                on_done=progress_on_commit(progress))
+                                on_done=progress_on_commit(progress), stall_timeout=cfg.stall_timeout, stage="download")
         for name in todo:
-            dispatcher.submit(task.remote(by_name[name], rules, options, cfg.urls_per_shard, cfg.output), tag=0)
+            dispatcher.submit(task.remote(by_name[name], rules, options, cfg.urls_per_shard, cfg.output), tag=0,
+                              name=name)
         dispatcher.drain()
         progress.close()
 
@@ -76,5 +77,6 @@ def run_download(cfg: CurateConfig, log=print) -> dict:
         address=cfg.address, redo=retry_failed(cfg, names), redo_what=f"failures to retry: {', '.join(cfg.retry_kinds)}",
         extra_stats=lambda stats, layout, log: {"mode": "download", "rules": rules.names},
         summary_title=f"\ndownload summary ({len(shards)} shards; kept = fetched)",
-        summary_notes=[f"\noutputs in {cfg.output}: NNNNN.tar + NNNNN.parquet (img2dataset layout), stats.json"])
+        summary_notes=[f"\noutputs in {cfg.output}: NNNNN.tar + NNNNN.parquet (img2dataset layout), stats.json"],
+        lock_ttl=cfg.lock_ttl, break_lock=cfg.break_lock)
     return run_job(run, execute, log)

@@ -46,7 +46,7 @@ def run_generate(cfg: GenerateConfig, log=print) -> dict:
         ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // max(cfg.batch_size, 1), 200)))
         diffuse_and_write(ds, GenerateStage, (spec, plan.device, plan.torch_threads, cfg.watermark), plan, cfg,
                           Progress("generate", len(items), len(todo), enabled=cfg.progress),
-                          ShardCollector({n: len(shards[n]) for n in todo}))
+                          ShardCollector({n: len(shards[n]) for n in todo}), "generate (diffusion actors)", todo)
 
     what = f"{len(tasks)} image(s) from {len(table)} prompt row(s) in {len(shards)} shard(s)"
     run = generated_run(cfg, "generate", list(shards), describe_model(spec), [cfg.prompts or cfg.from_captions], what)

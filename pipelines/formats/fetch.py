@@ -14,10 +14,18 @@ What is bounded, and why (a crawl of billions of URLs meets every one of these i
   HTTP 5xx and 429 -- with exponential backoff, or the server's ``Retry-After`` (capped). 4xx is
   never retried (asking again will not change it); timeouts are not retried in the run either (a
   slow host would hold a thread for attempts x deadline) -- ``--retry-failed`` retries them later;
+- where it connects (``formats/address_guard.py``): every hop's URL is checked, its host resolved
+  once and every address checked, and the connection made to that checked address (no second
+  lookup); loopback, private, link-local, CGNAT, multicast and cloud-metadata addresses are refused
+  (``blocked_address``), as are other schemes and URLs with credentials (``bad_url``); nothing is
+  requested from them. ``allow_private_addresses`` lifts the private-network part (intranet
+  mirrors), never the metadata endpoints;
 - opt-out: an ``X-Robots-Tag`` with a disallowed directive (``noai``, ``noimageai``, ``none`` by
   default), addressed to every agent or to ours (``shardsmith:`` or ``img2dataset:`` -- sites that
-  opt out of img2dataset mean this kind of tool too), means the image is not kept (``opted_out``);
-  the body is not even read;
+  opt out of img2dataset mean this kind of tool too), or TDMRep's ``tdm-reservation: 1`` header
+  (the rightsholder reserves text and data mining), means the image is not kept (``opted_out``);
+  the body is not even read. Not checked: robots.txt, ai.txt, TDMRep's ``/.well-known/tdmrep.json``
+  and HTML ``<meta>`` tags, and rights metadata inside the image (IPTC/XMP);
 - the body must be an image Pillow decodes completely (``not_an_image`` otherwise: HTML error pages
   served with status 200 are common), and not a decompression bomb (``image_too_large``).
 """
@@ -28,17 +36,23 @@ import email.utils
 import io
 import random
 import re
+import socket
 import time
 import warnings
 from dataclasses import dataclass, field
-from urllib.parse import urljoin, urlsplit
+from typing import Callable
+from urllib.parse import urljoin
 
 import urllib3
 from PIL import Image
 
+from shardsmith.pipelines.formats.address_guard import Refused, Target, check_url, resolve, split_url
+from shardsmith.pipelines.formats.tar import PIL_FORMATS
+
 # Error kinds a fetch can end with (the ``reason`` of an error row).
 FETCH_ERROR_KINDS = (
-    "bad_url",            # no URL, or not an http(s) URL
+    "bad_url",            # no URL, not an http(s) URL, or a URL carrying credentials
+    "blocked_address",    # resolves to a loopback, private, link-local, metadata ... address (not requested)
     "connection_error",   # DNS, refused, reset, TLS: after the in-run retries
     "timeout",            # connect/read timeout, or the body not complete before the deadline
     "http_5xx",           # server error, after the in-run retries (the message has the code)
@@ -92,6 +106,7 @@ class FetchOptions:
     opt_out_directives: tuple[str, ...] = OPT_OUT_DIRECTIVES
     max_pixels: int = 178_956_970
     pool_size: int = 16  # connections kept per host (= the download threads)
+    allow_private_addresses: bool = False  # fetch from loopback/private/link-local networks (intranet mirrors)
 
     def agent(self) -> str:
         return self.user_agent or default_user_agent()
@@ -159,6 +174,20 @@ def opt_out_directive(values: list[str], tokens: set[str], disallowed: tuple[str
     return None
 
 
+def tdm_reserved(values: list[str]) -> bool:
+    """TDMRep (W3C community group): ``tdm-reservation: 1`` reserves text and data mining rights
+    (``0`` or no header: not reserved)."""
+    return any(v.strip() == "1" for v in values)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+        return True
+    except OSError:
+        return False
+
+
 def check_image(data: bytes, max_pixels: int) -> tuple[str, int, int]:
     """(Pillow format, width, height) of a completely decodable image; raises ``ImageCheckError``."""
     if not data:
@@ -166,7 +195,7 @@ def check_image(data: bytes, max_pixels: int) -> tuple[str, int, int]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=PIL_FORMATS)
             w, h = img.size
             if w * h > max_pixels:
                 raise ImageCheckError("image_too_large", f"declares {w}x{h} = {w * h} pixels, over the limit of "
@@ -196,7 +225,9 @@ class ImageCheckError(Exception):
 class Fetcher:
     """One per download task; ``fetch`` is safe to call from many threads at once."""
 
-    def __init__(self, options: FetchOptions | None = None):
+    def __init__(self, options: FetchOptions | None = None, resolver: Callable[[str, int], list[str]] = resolve):
+        """``resolver(host, port) -> addresses``: the one lookup made per request (and per redirect
+        hop); the connection goes to the address it returned."""
         self.options = o = options or FetchOptions()
         self.pool = urllib3.PoolManager(
             num_pools=256, maxsize=max(1, o.pool_size), block=False, retries=False,
@@ -204,6 +235,7 @@ class Fetcher:
             headers={"User-Agent": o.agent(), "Accept": "image/*,*/*;q=0.8"})
         self._tokens = o.agent_tokens()
         self._sleep = time.sleep
+        self._resolver = resolver
 
     def close(self) -> None:
         self.pool.clear()
@@ -220,8 +252,10 @@ class Fetcher:
         if not isinstance(url, str) or not url.strip():
             return FetchResult(str(url or ""), kind="bad_url", message="no URL in this row")
         url = url.strip()
-        if urlsplit(url).scheme.lower() not in ("http", "https") or not urlsplit(url).netloc:
-            return FetchResult(url, kind="bad_url", message=f"not an http(s) URL: {url[:200]!r}")
+        try:
+            split_url(url)
+        except Refused as e:
+            return FetchResult(url, kind=e.kind, message=e.message)
         attempt = 0
         while True:
             attempt += 1
@@ -249,10 +283,17 @@ class Fetcher:
         o = self.options
         seen = {url}
         current = url
-        for _ in range(o.max_redirects + 1):
+        for hop in range(o.max_redirects + 1):
             start = time.monotonic()
             try:
-                r = self.pool.request("GET", current, redirect=False, preload_content=False, retries=False)
+                target = check_url(current, o.allow_private_addresses, self._resolver)
+            except Refused as e:
+                via = f" (redirected from {url})" if hop else ""
+                return FetchResult(url, kind=e.kind, final_url=current, message=e.message + via)
+            except Exception as e:  # the name does not resolve: a connection error, retried
+                return FetchResult(url, final_url=current, **_classify_exception(e))
+            try:
+                r = self._request(target)
             except Exception as e:
                 return FetchResult(url, final_url=current, **_classify_exception(e))
             complete = False  # True once the body was read to its end: the connection can be reused
@@ -263,14 +304,11 @@ class Fetcher:
                         return FetchResult(url, kind=f"http_{r.status}", http_status=r.status, final_url=current,
                                            message=f"HTTP {r.status} redirect without a Location header")
                     nxt = urljoin(current, location.strip())
-                    if urlsplit(nxt).scheme.lower() not in ("http", "https"):
-                        return FetchResult(url, kind="bad_url", http_status=r.status, final_url=current,
-                                           message=f"redirected to a non-http(s) URL: {nxt[:200]!r}")
                     if nxt in seen:
                         return FetchResult(url, kind="redirect_loop", http_status=r.status, final_url=current,
                                            message=f"redirect loop: {current} -> {nxt}, visited before")
                     seen.add(nxt)
-                    current = nxt
+                    current = nxt  # checked like the first URL at the top of the loop
                     continue
                 res = self._final(url, current, r, start)
                 complete = res.ok
@@ -279,6 +317,23 @@ class Fetcher:
                 _finish(r, complete)
         return FetchResult(url, kind="too_many_redirects", final_url=current,
                            message=f"more than {o.max_redirects} redirects (last: {current})")
+
+    def _request(self, target: Target):
+        """GET ``target`` from the addresses it was checked with, in order (the next one when a
+        connection cannot be made), never looking the name up again."""
+        headers = {**self.pool.headers, "Host": target.host_header}
+        pool_kwargs = {}
+        if target.scheme == "https" and not _is_ip(target.host):
+            pool_kwargs = {"server_hostname": target.host, "assert_hostname": target.host}
+        error: Exception | None = None
+        for addr in target.addresses:
+            conn = self.pool.connection_from_host(addr, target.port, target.scheme, pool_kwargs=pool_kwargs)
+            try:
+                return conn.urlopen("GET", target.request_target, headers=headers, redirect=False,
+                                    preload_content=False, retries=False, assert_same_host=False)
+            except urllib3.exceptions.NewConnectionError as e:
+                error = e
+        raise error
 
     def _final(self, url: str, current: str, r, start: float) -> FetchResult:
         o = self.options
@@ -294,6 +349,9 @@ class Fetcher:
         if directive:
             return FetchResult(url, kind="opted_out", message=f"X-Robots-Tag: {directive} (the site opts this "
                                                               "image out of AI/dataset use)", **base)
+        if tdm_reserved(r.headers.getlist("tdm-reservation")):
+            return FetchResult(url, kind="opted_out", message="tdm-reservation: 1 (TDMRep: the rightsholder "
+                                                              "reserves text and data mining rights)", **base)
         length = r.headers.get("Content-Length")
         if length and length.strip().isdigit() and int(length) > o.max_bytes:
             return FetchResult(url, kind="too_large", message=f"Content-Length {int(length)} bytes is over the "

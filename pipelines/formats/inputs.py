@@ -79,9 +79,8 @@ def _access_hint(url: str) -> str:
 
 
 def _check_tar_header(url: str) -> int:
-    fs, path = fsutil.get_fs(url)
     try:
-        size = fs.size(path)
+        size = fsutil.size(url)
     except FileNotFoundError as e:
         raise InputError(f"{url}: input file not found") from e
     except Exception as e:  # permission, network...
@@ -89,7 +88,7 @@ def _check_tar_header(url: str) -> int:
     if size == 0:
         return 0
     try:
-        with fs.open(path, "rb") as f:
+        with fsutil.open_file(url, "rb") as f:
             head = f.read(512)
     except Exception as e:
         raise InputError(f"{url}: cannot read input: {type(e).__name__}: {e}") from e

@@ -23,6 +23,11 @@ from typing import IO, Iterator
 from shardsmith.pipelines.core import fs as fsutil
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
+# The Pillow decoders for those extensions (JPEG's also opens MPO, a JPEG with a multi-picture
+# index). Every ``Image.open`` of sample or fetched bytes passes ``formats=PIL_FORMATS``: a file
+# that claims to be a JPEG but is an EPS (Ghostscript), a FLI or one of Pillow's ~40 other formats
+# is not parsed at all.
+PIL_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
 
 

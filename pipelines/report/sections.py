@@ -29,7 +29,7 @@ import shardsmith.pipelines.report.plots as plots
 from shardsmith.filters.rules import field_values
 from shardsmith.filters.scores import ScoreSet
 from shardsmith.pipelines.core import fs as fsutil
-from shardsmith.pipelines.formats.tar import iter_tar_samples
+from shardsmith.pipelines.formats.tar import PIL_FORMATS, iter_tar_samples
 from shardsmith.pipelines.report.data import (
     ReportError,
     Run,
@@ -59,7 +59,7 @@ __all__ = ["build_report", "report_after_run", "ReportError", "thumbnail"]
 def thumbnail(data: bytes, max_pixels: int = 178_956_970, exif_transpose: bool = False) -> tuple[bytes, tuple[int, int]]:
     """A small JPEG of an image (long side THUMB px), decoded at reduced size where the format
     allows; images declaring more than ``max_pixels`` are refused before decoding, as in curate."""
-    with Image.open(io.BytesIO(data)) as im:
+    with Image.open(io.BytesIO(data), formats=PIL_FORMATS) as im:
         if im.width * im.height > max_pixels:
             raise ValueError(f"image declares {im.width}x{im.height} pixels, over max_image_pixels={max_pixels}")
         im.draft("RGB", (THUMB * 2, THUMB * 2))

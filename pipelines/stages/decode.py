@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from shardsmith.filters.fingerprint import phash, sha256_hex
+from shardsmith.pipelines.formats.tar import PIL_FORMATS
 from shardsmith.pipelines.stages.batch import SENTINEL, text, text_columns
 
 # EXIF orientations 5-8 swap width and height when displayed.
@@ -46,7 +47,9 @@ def decode(data: bytes, pixel_transform, max_pixels: int = DEFAULT_MAX_PIXELS,
     """Decode ``data`` and apply the PIL half of the model's preprocess.
 
     The declared size is checked against ``max_pixels`` before any pixel is decoded, so a
-    decompression bomb is refused without allocating it. Animated images use their first frame.
+    decompression bomb is refused without allocating it; so is the size the model's resize would
+    make of it (``PixelTransform.work_pixels``: a 1 x 65500 image resized to a shortest side of 224
+    would be 3.3 G pixels). Animated images use their first frame.
     With ``exif_transpose`` the pixels are rotated as EXIF says before scoring; by default they
     are scored as stored, which is what ``preprocess(Image.open(f))`` computes.
 
@@ -61,7 +64,7 @@ def decode(data: bytes, pixel_transform, max_pixels: int = DEFAULT_MAX_PIXELS,
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=PIL_FORMATS)
     except Image.DecompressionBombError as e:
         raise DecodeError("image_too_large", str(e)) from e
     except Image.UnidentifiedImageError as e:
@@ -74,6 +77,12 @@ def decode(data: bytes, pixel_transform, max_pixels: int = DEFAULT_MAX_PIXELS,
                           f"declared size {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}")
     if w < 1 or h < 1:
         raise DecodeError("decode_error", f"image has an empty size {w}x{h}")
+    work = getattr(pixel_transform, "work_pixels", None)
+    resized = work(w, h) if work is not None else w * h
+    if resized > max_pixels:  # an extreme aspect ratio: the model's resize would be the bomb
+        raise DecodeError("image_too_large",
+                          f"size {w}x{h} (aspect ratio {max(w, h) / min(w, h):.0f}:1): the model's resize would make "
+                          f"{resized} pixels, over the limit of {max_pixels}")
     try:
         orientation = img.getexif().get(0x0112, 1)
     except Exception:

@@ -21,6 +21,7 @@ from shardsmith.errors import version as shardsmith_version
 from shardsmith.filters.augment import caption_dropped, resize_cover, target_size
 from shardsmith.pipelines.config.generate import GenerateConfig
 from shardsmith.pipelines.formats.prompts import derive_seed
+from shardsmith.pipelines.formats.tar import PIL_FORMATS
 from shardsmith.pipelines.stages.batch import SENTINEL, text
 
 GENERATED = ("shard", "row", "key", "png", "caption", "params", "error", "shard_rows", "node_id")
@@ -128,7 +129,7 @@ class AugmentStage(_DiffusionStage):
             size = source = None
             if src_err is None:
                 try:
-                    image = Image.open(io.BytesIO(batch["image"][i]))
+                    image = Image.open(io.BytesIO(batch["image"][i]), formats=PIL_FORMATS)
                     image.load()
                     size = target_size(*image.size, cfg.size, cfg.buckets, cfg.bucket_area, cfg.max_side)
                     source = resize_cover(image.convert("RGB"), size)

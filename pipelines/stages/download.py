@@ -51,7 +51,7 @@ from shardsmith.pipelines.formats.img2dataset import INDEX_SCHEMA, META_KEY
 from shardsmith.pipelines.formats.inputs import InputShard, UrlShard, sample_key
 from shardsmith.pipelines.formats.laion import canonical_batch, metadata_column_map
 from shardsmith.pipelines.formats.scores import SCORES_SCHEMA
-from shardsmith.pipelines.formats.tar import TarWriter, iter_tar_samples
+from shardsmith.pipelines.formats.tar import PIL_FORMATS, TarWriter, iter_tar_samples
 
 DOWNLOADED_DIR = "downloaded"
 # Pillow format -> the extension stored (formats/tar.py IMAGE_EXTS); others are re-encoded as PNG.
@@ -73,7 +73,8 @@ class DownloadOptions:
                              deadline=cfg.fetch_deadline, max_bytes=cfg.fetch_max_bytes,
                              max_redirects=cfg.fetch_max_redirects, retries=cfg.fetch_retries,
                              user_agent=cfg.user_agent, opt_out_directives=tuple(cfg.opt_out_directives),
-                             max_pixels=cfg.max_image_pixels, pool_size=cfg.fetch_threads)
+                             max_pixels=cfg.max_image_pixels, pool_size=cfg.fetch_threads,
+                             allow_private_addresses=cfg.allow_private_addresses)
         return cls(fetch=fetch, threads=cfg.fetch_threads, resize_max_side=cfg.resize_max_side,
                    retry_kinds=tuple(cfg.retry_kinds) if cfg.retry_failed else ())
 
@@ -176,7 +177,7 @@ def prepare(result: FetchResult, resize_max_side: int) -> Fetched:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=PIL_FORMATS)
             exif = img.getexif()
             orientation = exif.get(0x0112, 1) if exif else 1
             ow, oh = img.size
@@ -256,8 +257,7 @@ def read_download(dest: str, shard: UrlShard) -> pa.Table | None:
     with fsutil.open_file(index_url) as f:
         index = pq.read_table(f, use_threads=False)
     info = json.loads((index.schema.metadata or {}).get(META_KEY, b"{}"))
-    fs, path = fsutil.get_fs(tar_url)
-    if (info.get("tar_size") != fs.size(path) or info.get("source") != shard.url
+    if (info.get("tar_size") != fsutil.size(tar_url) or info.get("source") != shard.url
             or [info.get("start"), info.get("stop")] != [shard.start, shard.stop]):
         return None  # a retry replaced the tar and was interrupted before its index: redo
     return index
@@ -308,8 +308,7 @@ def download_shard(shard: UrlShard, dest: str, tmp_dir: str, rules: RuleSet, opt
         results.close()  # stops the thread pool if writing failed
         if hasattr(previous, "close"):
             previous.close()
-    fs, path = fsutil.get_fs(tar_url)
-    info = {"source": shard.url, "start": shard.start, "stop": shard.stop, "tar_size": fs.size(path),
+    info = {"source": shard.url, "start": shard.start, "stop": shard.stop, "tar_size": fsutil.size(tar_url),
             "resize_max_side": options.resize_max_side}
     index = pa.Table.from_pylist(records, schema=INDEX_SCHEMA).replace_schema_metadata(
         {META_KEY: json.dumps(info).encode()})
