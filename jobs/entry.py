@@ -32,7 +32,9 @@ def invoke(tool: str, run: Callable[[argparse.Namespace], int | None], args: arg
     try:
         return run(args) or 0
     except ShardsmithError as e:
-        print(f"shardsmith {tool}: error: {one_line(e)}", file=sys.stderr)
+        from shardsmith.pipelines.core.manifest import redact  # a URL in the message may carry a credential
+
+        print(f"shardsmith {tool}: error: {redact(one_line(e))}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         output = getattr(args, "output", None) if commits else None

@@ -19,7 +19,7 @@ from typing import Callable
 from shardsmith.errors import RunError
 from shardsmith.pipelines.core.layout import COMMON_PARTS, OutputLayout
 from shardsmith.pipelines.core.ledger import Ledger, aggregate
-from shardsmith.pipelines.core.manifest import open_run, write_json
+from shardsmith.pipelines.core.manifest import open_run, redact, write_json
 from shardsmith.pipelines.core.progress import summary
 
 
@@ -53,6 +53,11 @@ def run_job(spec: RunSpec, execute: Callable[[list[str]], None], log=print) -> d
     """Run ``spec``: ``execute(todo)`` runs the dataflow of the shards to do (inside a Ray session);
     returns the run's stats (also written to stats.json)."""
     from shardsmith.pipelines.core.resources import ray_session
+
+    raw_log = log
+
+    def log(line, *a, **kw):  # URLs in a line may carry credentials: redacted like the manifest's
+        return raw_log(redact(line) if isinstance(line, str) else line, *a, **kw)
 
     layout = OutputLayout(spec.output)
     manifest = open_run(layout, f"shardsmith {spec.tool}", spec.fingerprint, spec.config, spec.models, spec.inputs,
