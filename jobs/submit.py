@@ -26,6 +26,7 @@ import argparse
 import io
 import json
 import sys
+import time
 from pathlib import Path
 
 from shardsmith.jobs.entry import job_main
@@ -97,11 +98,13 @@ def run(args: argparse.Namespace) -> int:
         client = cs.connect(args.address)
         log(f"job API {cs.redact(client.get_address())}")
         cs.check_versions(client, log)
-        if args.pip is None and not any(k in user_env for k in cs.PACKAGE_KEYS):
+        asks = args.pip is None and not any(k in user_env for k in cs.PACKAGE_KEYS)
+        if asks:
             log("asking the cluster what it has (a preflight job: Python and installed packages)")
+        t0 = time.monotonic()
         decision = cs.decide_packages(client, force=args.pip, user_env=user_env, root=cs.PROJECT_ROOT,
                                       lock=args.requirements_lock, timeout=args.preflight_timeout)
-        log(decision.describe())
+        log(decision.describe() + (f" (asked in {time.monotonic() - t0:.1f} s)" if asks else ""))
         for note in decision.notes:
             log(f"note: {note}")
         runtime_env = cs.build_runtime_env(working_dir, pip=decision.pins, env_vars=env_vars, user=user_env)
