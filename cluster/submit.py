@@ -2,9 +2,10 @@
 
 Every job is a plain module (``python -m shardsmith.jobs.<name> ARGS``), so what runs on the cluster is
 exactly what runs on a laptop. ``submit`` packages the project folder as the job's working
-directory (weights, data, outputs and virtualenvs excluded), adds the project's pip requirements
-to the runtime env, reserves the entrypoint's resources, then streams the job's logs and returns
-its status. Ray's job server does the scheduling, retries of the driver and log keeping: nothing
+directory (weights, data, outputs and virtualenvs excluded), asks the cluster what it has (a
+preflight job, ``cluster/preflight.py``) and puts into the runtime env's ``pip`` exactly the pinned
+requirements it lacks (none on a worker image built from ``cluster/Dockerfile``), reserves the
+entrypoint's resources, then streams the job's logs and returns its status. Ray's job server does the scheduling, retries of the driver and log keeping: nothing
 here is a scheduler.
 
 Credentials never travel through the runtime env: Ray stores it in the cluster's job table and
@@ -30,12 +31,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from shardsmith.cluster import preflight
 from shardsmith.errors import ShardsmithError
 
 # The job API is reached through a tunnel to the head (`ray dashboard CONFIG`, `kubectl
 # port-forward`): port 8265 is never exposed publicly, so the default is the local tunnel end.
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+LOCK_FILE = "requirements.lock"
+PREFLIGHT_TIMEOUT_S = 180.0
+# Runtime-env keys that choose the packages themselves: with one of these in --runtime-env, the
+# user decides and the cluster is not asked.
+PACKAGE_KEYS = ("pip", "uv", "conda")
+# Runtime-env keys that choose which Python runs: the preflight job runs with them too.
+PYTHON_KEYS = ("image_uri", "container", "py_executable", "env_vars")
 
 # Never uploaded with the working directory: model weights, data shards, run outputs, caches and
 # environments. Ray also honours the folder's .gitignore and .rayignore.
@@ -113,6 +122,17 @@ def project_requirements(root: Path = PROJECT_ROOT) -> list[str]:
     return [d for d in deps if re.split(r"[\[<>=!~ ;]", d, maxsplit=1)[0].strip().lower() != "ray"]
 
 
+def requires_python(root: Path = PROJECT_ROOT) -> str | None:
+    """pyproject's ``requires-python`` (the Pythons the project runs on), or None."""
+    import tomllib
+
+    try:
+        with open(Path(root) / "pyproject.toml", "rb") as f:
+            return tomllib.load(f)["project"].get("requires-python")
+    except (OSError, KeyError, tomllib.TOMLDecodeError):
+        return None
+
+
 def is_secret_name(name: str) -> bool:
     if name in _ALLOWED_NAMES or name.upper().endswith(_PATH_LIKE):
         return False
@@ -165,16 +185,34 @@ def load_runtime_env_file(path: str) -> dict:
     return data
 
 
-def build_runtime_env(working_dir: Path | str = PROJECT_ROOT, *, pip: bool = True, env_vars: dict | None = None,
-                      user: dict | None = None, requirements_root: Path | None = None) -> dict:
+def lock_path(root: Path = PROJECT_ROOT) -> Path:
+    return Path(root) / LOCK_FILE
+
+
+def pinned_requirements(root: Path = PROJECT_ROOT, local: "preflight.ClusterEnv | None" = None) -> list[str]:
+    """``--pip``: the lock's pins of every runtime requirement (the closure read from this machine's
+    packages); the pyproject ranges when there is no lock."""
+    roots = project_requirements(root)
+    if not lock_path(root).is_file():
+        return roots
+    lock = preflight.read_lock(lock_path(root))
+    return preflight.forced_pins(lock, roots, preflight.local_env() if local is None else local)
+
+
+def build_runtime_env(working_dir: Path | str = PROJECT_ROOT, *, pip: bool | list[str] = True,
+                      env_vars: dict | None = None, user: dict | None = None,
+                      requirements_root: Path | None = None) -> dict:
     """The job's runtime env: the project folder, its requirements, unbuffered output.
 
-    ``user`` (from ``--runtime-env FILE``) wins key by key, except ``excludes`` (added to ours, so
-    weights and outputs stay out) and ``env_vars`` (merged)."""
+    ``pip``: a list of requirements (what the preflight decided), True for every pinned runtime
+    requirement (``--pip``), False or an empty list for none. ``user`` (from ``--runtime-env FILE``)
+    wins key by key, except ``excludes`` (added to ours, so weights and outputs stay out) and
+    ``env_vars`` (merged)."""
     env = {"PYTHONUNBUFFERED": "1", **(env_vars or {})}
     rt: dict = {"working_dir": str(working_dir), "excludes": list(WORKING_DIR_EXCLUDES), "env_vars": env}
-    if pip:
-        rt["pip"] = {"packages": project_requirements(requirements_root or Path(working_dir)), "pip_check": False}
+    packages = pinned_requirements(requirements_root or Path(working_dir)) if pip is True else list(pip or [])
+    if packages:
+        rt["pip"] = {"packages": packages, "pip_check": False}
     for key, value in (user or {}).items():
         if key == "excludes":
             rt["excludes"] = rt["excludes"] + [e for e in value if e not in rt["excludes"]]
@@ -194,8 +232,10 @@ def describe_runtime_env(rt: dict) -> str:
         parts.append(f"pip: {len(pip.get('packages', []))} requirement(s)")
     elif pip:
         parts.append(f"pip: {pip if isinstance(pip, str) else f'{len(pip)} requirement(s)'}")
+    elif rt.get("uv") or rt.get("conda"):
+        parts.append("uv" if rt.get("uv") else "conda")
     else:
-        parts.append("pip: none (the cluster's image provides the packages)")
+        parts.append("pip: none (the cluster has the packages)")
     if rt.get("env_vars"):
         parts.append("env: " + ", ".join(sorted(rt["env_vars"])))
     return "; ".join(parts)
@@ -280,6 +320,86 @@ def check_versions(client, log) -> None:
     if remote and remote != ray.__version__:
         log(f"warning: the cluster runs Ray {remote}, this project is tested with Ray {ray.__version__}; "
             "use the worker image from cluster/Dockerfile (same versions everywhere)")
+
+
+# ---------------------------------------------------------------------------------------------
+# What the cluster has: the preflight job, and the runtime env's packages that follow
+# ---------------------------------------------------------------------------------------------
+
+def run_preflight(client, user_env: dict | None = None, timeout: float = PREFLIGHT_TIMEOUT_S,
+                  poll: float = 0.5) -> preflight.ClusterEnv:
+    """Run the probe as a job of its own (``python -c PROBE``, no working dir, no pip: it sees the
+    nodes' own Python, or the one ``--runtime-env`` chooses), read its report, delete the job."""
+    probe_env = {k: v for k, v in (user_env or {}).items() if k in PYTHON_KEYS}
+    job_id = f"shardsmith-preflight-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    skip = "--pip or --no-pip submit without asking"
+    try:
+        client.submit_job(entrypoint=shlex.join(preflight.probe_command()), submission_id=job_id,
+                          runtime_env=probe_env or None, metadata={"shardsmith_job": "preflight"})
+    except Exception as e:
+        hint = f"\n  {AUTH_HINT}" if is_auth_error(e) else ""
+        raise SubmitError(f"the job server refused the preflight job: {type(e).__name__}: {str(e)[:500]}{hint}") from e
+    deadline = time.monotonic() + timeout
+    try:
+        while str(client.get_job_status(job_id).value) not in TERMINAL:
+            if time.monotonic() > deadline:
+                try:
+                    client.stop_job(job_id)
+                except Exception:
+                    pass
+                raise SubmitError(f"the preflight job {job_id} did not finish within {timeout:g} s (a busy or "
+                                  f"scaling cluster? --preflight-timeout waits longer; {skip})")
+            time.sleep(poll)
+        info = client.get_job_info(job_id)
+        logs = client.get_job_logs(job_id)
+    finally:
+        try:
+            client.delete_job(job_id)
+        except Exception:
+            pass  # still stopping, or already gone: it only costs a row in `jobs list`
+    if str(info.status.value) != "SUCCEEDED":
+        why = preflight.runtime_env_error_line(info.message or "") if is_runtime_env_failure(info) else \
+            ((info.message or "").strip().splitlines() or [""])[0][:300]
+        raise SubmitError(f"the preflight job {info.status.value} on the cluster: {why} ({skip})")
+    try:
+        return preflight.parse_probe_output(logs)
+    except preflight.PreflightError as e:
+        raise SubmitError(f"{e} ({skip})") from e
+
+
+def decide_packages(client, *, force: str | None = None, user_env: dict | None = None,
+                    root: Path = PROJECT_ROOT, lock: Path | None = None,
+                    timeout: float = PREFLIGHT_TIMEOUT_S) -> preflight.Decision:
+    """The runtime env's ``pip``: forced (``--pip`` / ``--no-pip``), left to the user's
+    ``--runtime-env`` (pip, uv or conda there), or decided by comparing the cluster with the lock.
+    A refusal raises SubmitError (exit 2) with its one line."""
+    if force == "none":
+        return preflight.Decision(mode="forced-none")
+    if force == "pip":
+        return preflight.Decision(mode="forced-pip", pins=pinned_requirements(root))
+    if any(k in (user_env or {}) for k in PACKAGE_KEYS):
+        return preflight.Decision(mode="runtime-env")
+    lock = Path(lock) if lock else lock_path(root)
+    try:
+        pins = preflight.read_lock(lock)
+    except preflight.PreflightError as e:
+        raise SubmitError(f"{e} (needed to check the cluster's packages; --pip or --no-pip submit without it)") from e
+    cluster = run_preflight(client, user_env, timeout)
+    try:
+        local = preflight.local_env()
+    except Exception:  # this machine's metadata only refines the closure; the cluster's suffices
+        local = None
+    decision = preflight.decide(cluster, pins, project_requirements(root), requires_python(root), local, lock.name)
+    if decision.refusal:
+        raise SubmitError(decision.refusal)
+    return decision
+
+
+def is_runtime_env_failure(info) -> bool:
+    """Ray's job info says the job died setting up its runtime env (pip, working_dir, ...), before
+    its entrypoint ran."""
+    kind = getattr(info, "error_type", None)
+    return str(getattr(kind, "value", kind) or "") == "RUNTIME_ENV_SETUP_FAILURE"
 
 
 @dataclass
@@ -375,8 +495,10 @@ def job_table(jobs) -> str:
 def job_summary(info) -> str:
     """``shardsmith jobs status``: the job's details as JSON, without its runtime env (which can be
     large; ``ray job status`` shows it)."""
-    keys = ("submission_id", "status", "message", "entrypoint", "start_time", "end_time", "driver_exit_code",
-            "driver_node_id", "metadata")
+    keys = ("submission_id", "status", "message", "error_type", "entrypoint", "start_time", "end_time",
+            "driver_exit_code", "driver_node_id", "metadata")
     data = {k: getattr(info, k, None) for k in keys}
     data["status"] = str(info.status.value)
+    kind = data["error_type"]
+    data["error_type"] = str(getattr(kind, "value", kind)) if kind else None
     return json.dumps(data, indent=1, default=str)

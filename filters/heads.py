@@ -100,7 +100,8 @@ class NsfwHead(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = (x - self.norm_mean) / torch.sqrt(torch.clamp(self.norm_var, min=self.eps))
+        # keras.layers.Normalization: (x - mean) / maximum(sqrt(var), epsilon), epsilon 1e-7
+        x = (x - self.norm_mean) / torch.clamp(torch.sqrt(self.norm_var), min=self.eps)
         return torch.sigmoid(self.layers(x)).squeeze(-1)
 
     @classmethod

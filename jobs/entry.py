@@ -42,7 +42,9 @@ def invoke(tool: str, run: Callable[[argparse.Namespace], int | None], args: arg
         return run(args) or 0
     except ShardsmithError as e:
         close_live_bars()
-        print(f"shardsmith {tool}: error: {one_line(e)}", file=sys.stderr)
+        from shardsmith.pipelines.core.manifest import redact  # a URL in the message may carry a credential
+
+        print(f"shardsmith {tool}: error: {redact(one_line(e))}", file=sys.stderr)
         return e.exit_code
     except Exception as e:
         found = user_error(e)  # raised in a Ray task or a dataset stage, and wrapped on its way here

@@ -1,11 +1,15 @@
 """``shardsmith submit -- JOB ARGS...``: run a shardsmith job on a Ray cluster through Ray's job API.
 
 The job is the same plain module that runs on a laptop (``python -m shardsmith.jobs.JOB ARGS``). The project
-folder is packaged as its working directory (weights, data and outputs excluded), the project's
-pip requirements go into its runtime env (``--no-pip`` when the cluster runs the shardsmith worker
-image), and the entrypoint reserves the resources you give. The command then streams the job's
-logs and exits with its status: 0 succeeded, the job's own exit code (or 1) failed, 3 stopped,
-124 timed out (the job is stopped), 130 interrupted (the job keeps running).
+folder is packaged as its working directory (weights, data and outputs excluded). Before submitting,
+a preflight job asks the cluster for its Python and installed packages and compares them with
+requirements.lock: all there at the pinned versions -> no pip in the runtime env; some missing or
+different -> pip installs exactly those pins; another Python than the project supports, or another
+torch / CUDA build -> refused (exit 2, one line). ``--pip`` / ``--no-pip`` force either way. The
+entrypoint reserves the resources you give. The command then streams the job's logs and exits with
+its status: 0 succeeded, the job's own exit code (or 1) failed (1 too when it failed setting up its
+runtime env, said as such), 3 stopped, 124 timed out (the job is stopped), 130 interrupted (the job
+keeps running).
 
     shardsmith submit --address http://127.0.0.1:8265 -- curate s3://bkt/laion s3://bkt/curated ...
     python -m shardsmith.jobs.submit -- curate IN OUT ...                    (the same)
@@ -22,6 +26,7 @@ import argparse
 import io
 import json
 import sys
+import time
 from pathlib import Path
 
 from shardsmith.jobs.entry import job_main
@@ -38,8 +43,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                          "(its keys win; excludes and env_vars are added)")
     p.add_argument("--working-dir", metavar="DIR", help="folder to package as the job's working directory "
                                                        "(default: this project)")
-    p.add_argument("--no-pip", action="store_true", help="do not install the project's requirements in the job's "
-                                                         "runtime env (the cluster's image already has them)")
+    pip = p.add_mutually_exclusive_group()
+    pip.add_argument("--no-pip", dest="pip", action="store_const", const="none",
+                     help="no pip in the runtime env, without asking the cluster (its image has the packages)")
+    pip.add_argument("--pip", dest="pip", action="store_const", const="pip",
+                     help="pip installs every pinned runtime requirement of requirements.lock, without asking the "
+                          "cluster (default: ask it, install only what it lacks)")
+    p.add_argument("--requirements-lock", metavar="FILE",
+                   help="the pins to compare the cluster with (default: this project's requirements.lock)")
+    p.add_argument("--preflight-timeout", type=float, default=180, metavar="SECONDS",
+                   help="how long the preflight job may take (default 180)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="ask the cluster, print the decision, the runtime env and the entrypoint; submit nothing")
     p.add_argument("--env", action="append", default=[], metavar="NAME[=VALUE]",
                    help="environment variable for the job (NAME alone copies it from this shell), e.g. "
                         "AWS_ENDPOINT_URL_S3=http://minio:9000; credentials are refused (give them to the nodes)")
@@ -78,15 +93,31 @@ def run(args: argparse.Namespace) -> int:
         if "working_dir" not in user_env:
             cs.check_job_exists(working_dir, name)
         resources = json.loads(args.entrypoint_resources) if args.entrypoint_resources else None
-        runtime_env = cs.build_runtime_env(working_dir, pip=not args.no_pip, env_vars=cs.parse_env_args(args.env),
-                                           user=user_env, requirements_root=cs.PROJECT_ROOT)
-        sub = cs.Submission(name, job_args, runtime_env, args.entrypoint_num_cpus, args.entrypoint_num_gpus,
-                            args.entrypoint_memory, resources, args.submission_id)
+        env_vars = cs.parse_env_args(args.env)
+        cs.build_runtime_env(working_dir, pip=False, env_vars=env_vars, user=user_env)  # refuse secrets first
         client = cs.connect(args.address)
         log(f"job API {cs.redact(client.get_address())}")
         cs.check_versions(client, log)
+        asks = args.pip is None and not any(k in user_env for k in cs.PACKAGE_KEYS)
+        if asks:
+            log("asking the cluster what it has (a preflight job: Python and installed packages)")
+        t0 = time.monotonic()
+        decision = cs.decide_packages(client, force=args.pip, user_env=user_env, root=cs.PROJECT_ROOT,
+                                      lock=args.requirements_lock, timeout=args.preflight_timeout)
+        log(decision.describe() + (f" (asked in {time.monotonic() - t0:.1f} s)" if asks else ""))
+        for note in decision.notes:
+            log(f"note: {note}")
+        runtime_env = cs.build_runtime_env(working_dir, pip=decision.pins, env_vars=env_vars, user=user_env)
+        sub = cs.Submission(name, job_args, runtime_env, args.entrypoint_num_cpus, args.entrypoint_num_gpus,
+                            args.entrypoint_memory, resources, args.submission_id, metadata=decision.record())
         log(f"runtime env: {cs.describe_runtime_env(runtime_env)}")
         log(f"entrypoint: {sub.entrypoint}")
+        if args.dry_run:
+            print(json.dumps({"decision": decision.record(), "runtime_env": {k: v for k, v in runtime_env.items()
+                                                                           if k != "env_vars"},
+                              "env_vars": sorted(runtime_env["env_vars"]), "entrypoint": sub.entrypoint}, indent=1))
+            log("--dry-run: nothing submitted")
+            return 0
         job_id = cs.submit(client, sub)
     except json.JSONDecodeError as e:
         print(f"shardsmith submit: error: --entrypoint-resources: not JSON: {e}", file=sys.stderr)
@@ -122,6 +153,12 @@ def _wait(cs, client, job_id: str, timeout: float | None, log) -> int:
         return cs.EXIT_FAILED
     info = client.get_job_info(job_id)
     code = cs.exit_code(info)
+    if status == "FAILED" and cs.is_runtime_env_failure(info):
+        from shardsmith.cluster.preflight import runtime_env_error_line
+
+        log(f"job {job_id} FAILED setting up its runtime env, before the job ran: "
+            f"{runtime_env_error_line(info.message or '')} (exit code {code})")
+        return code
     # Ray's message for a failed job ends with the last 20,000 characters of its logs, which were
     # just streamed: keep its first line.
     message = (info.message or "").strip().splitlines()[0][:300] if status != "SUCCEEDED" and info.message else ""

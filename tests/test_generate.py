@@ -1,5 +1,6 @@
 """generate and augment on a real local Ray with a tiny Stable Diffusion pipeline."""
 
+import hashlib
 import io
 import json
 import os
@@ -55,9 +56,14 @@ def all_members(out):
     return got
 
 
+# The run's defaults, as the flags --steps --guidance --width --height --seed would give them.
+RUN = {"num_inference_steps": 2, "guidance_scale": 7.5, "width": 64, "height": 64, "seed": 11}
+ERROR_ROWS = {3, 4, 5, 6}
+
+
 def gen_config(prompts, out, models, **kw):
     base = dict(output=str(out), model=models["sd_model"], prompts=prompts, shard_size=3, batch_size=2,
-                defaults=Defaults(num_inference_steps=2, width=64, height=64, seed=11), progress=False)
+                defaults=Defaults(**RUN), progress=False)
     base.update(kw)
     return GenerateConfig(**base)
 
@@ -87,33 +93,97 @@ def test_every_row_is_an_image_or_an_error_row(generated):
                                                                    if r["status"] == "success")
 
 
+def documented_seed(run_seed: int, key: str) -> int:
+    """README: a row without a seed gets sha256(run seed, key): the first 8 bytes of
+    sha256("shardsmith:{run seed}:{key}"), big-endian, modulo 2**63."""
+    return int.from_bytes(hashlib.sha256(f"shardsmith:{run_seed}:{key}".encode()).digest()[:8], "big") % 2**63
+
+
+def expected_images(prompts=PROMPTS, run=RUN):
+    """key -> the parameters of each image, from the input table and the run's defaults alone."""
+    out = {}
+    for i, row in enumerate(prompts):
+        if i in ERROR_ROWS:
+            continue
+        n = row.get("num_images", 1)
+        for j in range(n):
+            key = f"{i:08d}" if n == 1 else f"{i:08d}_{j}"
+            out[key] = {"prompt": row["prompt"], "negative_prompt": row.get("negative_prompt", ""),
+                        "seed": row["seed"] + j if "seed" in row else documented_seed(run["seed"], key),
+                        **{k: row.get(k, run[k]) for k in ("num_inference_steps", "guidance_scale", "width", "height")}}
+    return out
+
+
 def test_images_equal_a_direct_diffusers_call(generated, tiny_models):
-    """The issue's check: same components, prompt, seed, parameters -> the same pixels."""
+    """The issue's check: same components, prompt, seed, parameters -> the same pixels. The
+    parameters come from the prompt table (and the run's defaults), never from the output."""
     from diffusers import StableDiffusionPipeline
 
     d, _, _ = generated
     pipe = StableDiffusionPipeline.from_pretrained(tiny_models["sd_model"])
     pipe.set_progress_bar_config(disable=True)
     got = all_members(d / "out")
-    checked = 0
-    for name, data in got.items():
-        if not name.endswith(".json"):
-            continue
-        p = json.loads(data)
+    expected = expected_images()
+    assert sorted(k[:-4] for k in got if k.endswith(".png")) == sorted(expected)
+    for key, p in expected.items():
         ref = pipe(p["prompt"], negative_prompt=p["negative_prompt"] or None, num_inference_steps=p["num_inference_steps"],
                    guidance_scale=p["guidance_scale"], width=p["width"], height=p["height"],
                    generator=torch.Generator("cpu").manual_seed(p["seed"])).images[0]
-        ours = Image.open(io.BytesIO(got[name[:-5] + ".png"]))
-        assert np.array_equal(np.asarray(ours), np.asarray(ref)), name
-        checked += 1
-    assert checked == 5
-    params = json.loads(got["00000001.json"])
-    assert params["seed"] == 123456789 and params["negative_prompt"] == "blurry" and params["guidance_scale"] == 3.0
-    assert {"model", "model_fingerprint", "scheduler", "shardsmith_version"} <= set(params)
-    from shardsmith.pipelines.formats.prompts import derive_seed
+        ours = Image.open(io.BytesIO(got[f"{key}.png"]))
+        assert np.array_equal(np.asarray(ours), np.asarray(ref)), key
+        recorded = json.loads(got[f"{key}.json"])
+        assert {k: recorded[k] for k in p} == p, key  # the json records what was asked
+        assert got[f"{key}.txt"] == p["prompt"].encode()
+    assert len(expected) == 5
+    assert {"model", "model_fingerprint", "scheduler", "shardsmith_version"} <= set(json.loads(got["00000001.json"]))
+    assert expected["00000002_0"]["seed"] != expected["00000002_1"]["seed"]
 
-    seeds = [json.loads(got[f"00000002_{j}.json"])["seed"] for j in range(2)]
-    assert seeds == [derive_seed(11, f"00000002_{j}") for j in range(2)]  # no seed: from run seed + key
+
+def test_scheduler_option_gives_that_schedulers_images(ray_local, tiny_models, tmp_path):
+    """--scheduler euler: the pixels of a direct call with EulerDiscreteScheduler.from_config."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+
+    prompts = tmp_path / "p.jsonl"
+    rows = [{"prompt": "a red bicycle", "seed": 7}, {"prompt": "a quiet harbour", "seed": 8}]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run_generate(gen_config(str(prompts), tmp_path / "out", tiny_models, watermark=False, scheduler="euler"), **QUIET)
+    got = all_members(tmp_path / "out")
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_models["sd_model"])
+    default_scheduler = type(pipe.scheduler).__name__
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    for i, row in enumerate(rows):
+        key = f"{i:08d}"
+        ref = pipe(row["prompt"], num_inference_steps=RUN["num_inference_steps"], guidance_scale=RUN["guidance_scale"],
+                   width=RUN["width"], height=RUN["height"],
+                   generator=torch.Generator("cpu").manual_seed(row["seed"])).images[0]
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(got[f"{key}.png"]))), np.asarray(ref)), key
+        assert json.loads(got[f"{key}.json"])["scheduler"] == "EulerDiscreteScheduler" != default_scheduler
+
+
+def test_from_captions_uses_the_shards_captions_as_prompts(ray_local, tiny_models, sample, tmp_path):
+    """--from-captions SHARDS: one image per sample with a caption, the caption as its prompt, keys
+    linking back to the source sample."""
+    order, captions = [], {}
+    with tarfile.open(sample["shards"][0]) as t:
+        for m in t.getmembers():
+            key = m.name.split(".", 1)[0]
+            if key not in captions:
+                order.append(key)
+                captions[key] = ""
+            if m.name.endswith(".txt"):
+                captions[key] = t.extractfile(m).read().decode("utf-8", "replace")
+    cfg = gen_config(None, tmp_path / "out", tiny_models, watermark=False, from_captions=sample["shards"][0],
+                     limit=4, shard_size=4)
+    stats = run_generate(cfg, **QUIET)
+    got = all_members(tmp_path / "out")
+    metas = {k[:-5]: json.loads(v) for k, v in got.items() if k.endswith(".json")}
+    first = {k: captions[k] for k in order[:4]}
+    assert all(first.values()), first
+    assert stats["rows_read"] == 4 and sorted(metas) == sorted(first)
+    for key, caption in first.items():
+        assert metas[key]["prompt"] == caption and got[f"{key}.txt"] == caption.encode()
+        assert metas[key]["seed"] == documented_seed(RUN["seed"], key)
 
 
 def test_same_images_whatever_batch_size_and_workers(generated, tiny_models, tmp_path):
@@ -127,15 +197,22 @@ def test_same_images_whatever_batch_size_and_workers(generated, tiny_models, tmp
 
 
 def test_resume_after_a_partial_run(generated, tiny_models, tmp_path):
+    """Shard 00001 as a killed run leaves it: no ledger entry, its tar cut short, its parquet index
+    garbage. The rerun redoes exactly it; the committed shards are not touched."""
     d, prompts, _ = generated
     out = tmp_path / "out"
     shutil.copytree(d / "out", out)
+    assert sorted(f for f in os.listdir(out) if f.startswith("00001")) == ["00001.parquet", "00001.tar"]
     os.remove(out / "_ledger" / "00001.json")
-    os.remove(out / "00001.tar")
+    (out / "00001.tar").write_bytes((d / "out" / "00001.tar").read_bytes()[:700])
+    (out / "00001.parquet").write_bytes(b"PAR1 garbage")
+    untouched = {f: os.stat(out / f).st_mtime_ns for f in ("00000.tar", "00000.parquet", "00002.tar", "00002.parquet",
+                                                             "_ledger/00000.json", "_ledger/00002.json")}
     logs = []
     run_generate(gen_config(prompts, out, tiny_models, watermark=False), log=logs.append)
     assert "2 already committed, 1 to do" in logs[0]
-    for f in ("00000.tar", "00001.tar", "00002.tar", "00001.parquet"):
+    assert {f: os.stat(out / f).st_mtime_ns for f in untouched} == untouched
+    for f in ("00000.tar", "00001.tar", "00002.tar", "00000.parquet", "00001.parquet", "00002.parquet"):
         assert (out / f).read_bytes() == (d / "out" / f).read_bytes(), f
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from shardsmith.filters.heads import AestheticMLP, NsfwHead, ProbabilityHead, fit_probability_head, load_head
+from shardsmith.filters.heads import AestheticMLP, ProbabilityHead, fit_probability_head, load_head
 from shardsmith.filters.weights import WeightsError
 
 
@@ -61,22 +61,37 @@ def test_pickled_module_is_refused_with_conversion_hint(tmp_path):
 
 
 def test_nsfw_head_safetensors_and_normalization(tmp_path):
+    """The weights file written here in LAION's layout (keras Normalization's mean and variance, then
+    Dense 64/512/256/1), and the expectation computed as the Keras model does: (x - mean) /
+    max(sqrt(var), 1e-7), relu, relu, relu, sigmoid. Nothing of shardsmith's NsfwHead is used."""
     from safetensors.torch import save_file
 
-    torch.manual_seed(0)
-    head = NsfwHead(32).eval()
-    with torch.no_grad():
-        head.norm_mean.uniform_(-0.1, 0.1)
-        head.norm_var.uniform_(0.5, 2.0)
+    g = torch.Generator().manual_seed(0)
+    dim, sizes = 32, [64, 512, 256, 1]
+    sd = {"norm_mean": torch.empty(dim).uniform_(-0.1, 0.1, generator=g),
+          "norm_var": torch.empty(dim).uniform_(0.5, 2.0, generator=g)}
+    fan_in = dim
+    for i, n in zip((0, 2, 4, 6), sizes):
+        sd[f"layers.{i}.weight"] = torch.randn(n, fan_in, generator=g) / fan_in ** 0.5
+        sd[f"layers.{i}.bias"] = torch.randn(n, generator=g) * 0.1
+        fan_in = n
+    # A feature constant in the detector's training set: keras divides by epsilon (1e-7), not by
+    # sqrt(epsilon). Inputs a few 1e-7 off its mean then reach the MLP at unit scale.
+    sd["norm_var"][0] = 0.0
+    sd["layers.0.weight"][:, 0] *= 20
     path = tmp_path / "nsfw.safetensors"
-    save_file(head.state_dict(), str(path))
-    loaded = load_head("punsafe", str(path), embed_dim=32)
-    x = torch.randn(8, 32)
+    save_file(sd, str(path))
+    loaded = load_head("punsafe", str(path), embed_dim=dim)
+    x = torch.randn(8, dim, generator=g)
+    x[:, 0] = sd["norm_mean"][0] + 1e-7 * torch.randn(8, generator=g)
+    h = (x - sd["norm_mean"]) / torch.maximum(sd["norm_var"].sqrt(), torch.tensor(1e-7))
+    for i in (0, 2, 4):
+        h = torch.relu(h @ sd[f"layers.{i}.weight"].T + sd[f"layers.{i}.bias"])
+    expected = torch.sigmoid(h @ sd["layers.6.weight"].T + sd["layers.6.bias"]).squeeze(-1)
     with torch.no_grad():
-        expected = torch.sigmoid(head.layers((x - head.norm_mean) / head.norm_var.sqrt())).squeeze(-1)
         got = loaded(x)
-    torch.testing.assert_close(got, expected)
-    assert ((got >= 0) & (got <= 1)).all()
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    assert ((got >= 0) & (got <= 1)).all() and got.std() > 0
 
 
 def test_fit_probability_head_separates_labelled_embeddings():

@@ -9,15 +9,25 @@ succeed, score exactly like the same run on local files, record work on both nod
 credential, and leave no Ray process behind.
 
 The first tests check the submission pieces without a cluster: entrypoints, the packaged working
-directory (with Ray's own packager), the refusal of credentials in the runtime env.
+directory (with Ray's own packager), the refusal of credentials in the runtime env, and the
+runtime-env decision (cluster/preflight.py) on environments read by the probe's own code from this
+venv and then altered (a package removed, a pin changed, another torch or Python). On the cluster
+the main job takes the default path (the preflight job asks the nodes, they run this venv, so no
+pip), a lock with one other pin gets exactly that pin (--dry-run: the decision and the runtime env,
+nothing submitted), a lock pinning another torch is refused with exit 2, and a job whose runtime
+env cannot be set up is reported as such.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import platform
+import re
+import signal
 import subprocess
 import time
+import tomllib
 import zipfile
 from pathlib import Path
 
@@ -26,12 +36,14 @@ from conftest import read_scores
 from ray_nodes import VENV_BIN, LocalRayCluster, cluster_env, group_alive, write_token
 from s3_server import MotoServer, assert_same_scores, model_flags, s3_scores, small_sample_reference
 
+from shardsmith.cluster import preflight as pf
 from shardsmith.cluster import submit as cs
 
 # Every wait below is bounded; the whole module stays under this even on a loaded 2-core machine.
 pytestmark = pytest.mark.timeout(900)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LOCK = os.path.join(ROOT, "requirements.lock")
 BUCKET = "shardsmith-cluster-test"
 SHARDSMITH = os.path.join(VENV_BIN, "shardsmith")
 
@@ -80,6 +92,23 @@ def test_packaged_working_dir_holds_the_code_but_no_weights_data_or_outputs(tmp_
                             "pyproject.toml", "requirements.lock"])
 
 
+def lock_lines() -> dict[str, str]:
+    """requirements.lock read here, by hand: canonical name -> the line as written."""
+    out = {}
+    for line in open(LOCK).read().splitlines():
+        if "==" in line and not line.startswith("#"):
+            out[re.sub(r"[-_.]+", "-", line.split("==")[0]).lower()] = line.strip()
+    return out
+
+
+def write_lock(path, changes: dict[str, str]) -> str:
+    """The project's lock with some lines replaced (name -> new line) or added."""
+    lines = lock_lines()
+    lines.update(changes)
+    Path(path).write_text("\n".join(lines.values()) + "\n")
+    return str(path)
+
+
 def test_runtime_env_has_the_projects_requirements_and_user_overrides():
     rt = cs.build_runtime_env(ROOT, user={"env_vars": {"AWS_ENDPOINT_URL_S3": "http://minio:9000"},
                                           "excludes": ["scratch/"], "pip": ["extra==1.0"]})
@@ -87,10 +116,112 @@ def test_runtime_env_has_the_projects_requirements_and_user_overrides():
     assert rt["env_vars"] == {"PYTHONUNBUFFERED": "1", "AWS_ENDPOINT_URL_S3": "http://minio:9000"}
     assert "scratch/" in rt["excludes"] and "*.pth" in rt["excludes"]
     assert rt["pip"] == ["extra==1.0"]  # the user's file wins key by key
-    reqs = cs.build_runtime_env(ROOT)["pip"]["packages"]
-    assert any(r.startswith("torch==") for r in reqs) and any(r.startswith("open_clip_torch") for r in reqs)
+    reqs = cs.build_runtime_env(ROOT)["pip"]["packages"]  # --pip: every pinned runtime requirement
+    lines = lock_lines()
+    assert set(reqs) <= set(lines.values()), "exactly the lock's lines"
+    assert lines["torch"] in reqs and lines["open-clip-torch"] in reqs and lines["ftfy"] in reqs
     assert not any(r.split("[")[0].split("=")[0] == "ray" for r in reqs), "the cluster's Ray is not reinstalled"
+    assert lines["pytest"] not in reqs and lines["moto"] not in reqs, "test tools are not runtime requirements"
     assert "pip" not in cs.build_runtime_env(ROOT, pip=False)
+    assert cs.build_runtime_env(ROOT, pip=["braceexpand==0.1.6"])["pip"] == {"packages": ["braceexpand==0.1.6"],
+                                                                            "pip_check": False}
+
+
+# ---------------------------------------------------------------------------------------------
+# The runtime-env decision, on real environments read by the probe's own code
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def venv_env():
+    """This venv as the probe sees a cluster node (the probe's code, run here)."""
+    return pf.local_env()
+
+
+def cluster_like(env: pf.ClusterEnv, drop=(), versions=None, **changes) -> pf.ClusterEnv:
+    dists = {k: v for k, v in env.dists.items() if k not in drop}
+    for k, ver in (versions or {}).items():
+        dists[k] = (ver, dists[k][1])
+    return pf.ClusterEnv(**{**env.__dict__, "dists": dists, **changes})
+
+
+def decide(cluster, lock=LOCK, local=None):
+    return pf.decide(cluster, pf.read_lock(lock), cs.project_requirements(Path(ROOT)), cs.requires_python(Path(ROOT)),
+                     local)
+
+
+def test_the_probe_reads_this_venv_as_it_is(venv_env):
+    import importlib.metadata as md
+
+    assert venv_env.python == platform.python_version()
+    assert venv_env.version("torch") == md.version("torch") and venv_env.version("open_clip_torch") == "3.3.0"
+    assert venv_env.torch_cuda == re.search(r"^cuda\b[^=]*=\s*'([^']+)'", md.distribution("torch").locate_file(
+        "torch/version.py").read_text(), re.M).group(1)
+    assert venv_env.virtualenv is True  # tests run from the project's .venv
+    assert venv_env.markers["sys_platform"] == "linux"
+
+
+def test_a_cluster_with_every_pin_gets_no_pip(venv_env):
+    d = decide(venv_env, local=venv_env)
+    assert (d.mode, d.pins, d.missing, d.different, d.refusal) == ("none", [], [], {}, None)
+    checked = set(pf.runtime_closure(cs.project_requirements(Path(ROOT)), pf.read_lock(LOCK), [venv_env],
+                                     venv_env.markers))
+    assert d.checked == len(checked)
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        direct = {re.split(r"[\[<>=!~ ;]", r, maxsplit=1)[0].lower().replace("_", "-")
+                  for r in tomllib.load(f)["project"]["dependencies"]}
+    assert direct - {"ray"} <= checked  # every direct dependency but Ray
+    assert {"ftfy", "huggingface-hub", "tokenizers", "nvidia-cuda-runtime", "aiobotocore"} <= checked  # transitive ones
+    assert not checked & {"ray", "pytest", "moto", "cfn-lint", "protobuf", "grpcio", "opencensus"}
+    assert "no pip" in d.describe() and f"Python {platform.python_version()}" in d.describe()
+
+
+def test_a_cluster_missing_one_requirement_gets_exactly_that_pin(venv_env, tmp_path):
+    lines = lock_lines()
+    for missing in ("ftfy", "braceexpand"):  # a transitive one (open_clip's), a direct one
+        d = decide(cluster_like(venv_env, drop=[missing]), local=venv_env)
+        assert (d.mode, d.pins, d.different) == ("pip", [lines[missing]], {}), missing
+        assert d.missing == [lines[missing].split("==")[0]]
+        rt = cs.build_runtime_env(ROOT, pip=d.pins)
+        assert rt["pip"]["packages"] == [lines[missing]]
+        assert f"pip will install: {lines[missing]}" in d.describe()
+        assert any("virtualenv" in n for n in d.notes)  # this cluster's Python is a venv: Ray copies it
+    # another pin in the lock (what the cluster has stays as it is): exactly that pin
+    lock = write_lock(tmp_path / "other.lock", {"braceexpand": "braceexpand==0.1.6"})
+    d = decide(venv_env, lock=lock, local=venv_env)
+    assert (d.mode, d.pins) == ("pip", ["braceexpand==0.1.6"])
+    assert d.different == {"braceexpand": (venv_env.version("braceexpand"), "0.1.6")}
+    record = d.record()
+    assert record["shardsmith_runtime_env"] == "pip" and record["shardsmith_pip"] == "braceexpand==0.1.6"
+    assert json.loads(record["shardsmith_cluster"])["different"] == {
+        "braceexpand": {"cluster": venv_env.version("braceexpand"), "lock": "0.1.6"}}
+
+
+def test_another_torch_cuda_build_or_python_is_refused_naming_both_versions(venv_env, tmp_path):
+    have = venv_env.version("torch")
+    d = decide(venv_env, lock=write_lock(tmp_path / "t.lock", {"torch": "torch==2.13.0"}))
+    assert d.refusal.startswith("torch: ") and have in d.refusal and "2.13.0" in d.refusal
+    d = decide(cluster_like(venv_env, torch_cuda="12.8"))
+    assert d.refusal.startswith("torch: ") and "CUDA 12.8" in d.refusal and "CUDA 13.0" in d.refusal
+    d = decide(cluster_like(venv_env, torch_cuda=None))
+    assert "without CUDA" in d.refusal and "CUDA 13.0" in d.refusal
+    d = decide(cluster_like(venv_env, python="3.9.18"))
+    assert d.refusal.startswith("python: ") and "3.9.18" in d.refusal and ">=3.10" in d.refusal
+    assert "\n" not in d.refusal
+    # torch missing altogether is not a mismatch: it is installed, and the line says what that costs
+    d = decide(cluster_like(venv_env, drop=["torch"]), local=venv_env)
+    assert d.refusal is None and lock_lines()["torch"] in d.pins and any("several GB" in n for n in d.notes)
+
+
+def test_the_runtime_env_error_is_one_line():
+    message = ("runtime_env setup failed: Failed to set up runtime environment.\n"
+               "Traceback (most recent call last):\n  File \"/x/agent.py\", line 1, in _setup\n"
+               "RuntimeError: Failed to execute command pip install ...\nCollecting nosuchpkg==0\n"
+               "ERROR: Could not find a version that satisfies the requirement nosuchpkg==0 (from versions: none)\n"
+               "ERROR: No matching distribution found for nosuchpkg==0\n")
+    assert pf.runtime_env_error_line(message) == ("ERROR: Could not find a version that satisfies the requirement "
+                                                  "nosuchpkg==0 (from versions: none)")
+    assert pf.runtime_env_error_line("runtime_env setup failed: boom\nFileNotFoundError: [Errno 2] x.zip\n") == \
+        "FileNotFoundError: [Errno 2] x.zip"
 
 
 def test_credentials_are_refused_in_the_runtime_env(tmp_path):
@@ -167,8 +298,9 @@ def two_node_run(tmp_path_factory, tiny_models, reference):
             result["temp_dirs"] = list(cluster.temp_dirs)
             result["nodes"] = cluster.alive_nodes()
             addr = ["--address", cluster.dashboard_url]
+            # The default path: no --no-pip, the preflight job decides (these nodes run this venv).
             result["submit"] = run(
-                [SHARDSMITH, "submit", *addr, "--no-pip", "--timeout", "360",
+                [SHARDSMITH, "submit", *addr, "--timeout", "360",
                  "--env", f"AWS_ENDPOINT_URL_S3={s3.endpoint}", "--",
                  "curate", f"s3://{BUCKET}/in/images", f"s3://{BUCKET}/out", *model_flags(tiny_models),
                  "--num-actors", "2", "--actor-cpus", "0.25", "--config", str(config)],
@@ -183,7 +315,21 @@ def two_node_run(tmp_path_factory, tiny_models, reference):
                            *model_flags(tiny_models)], client_env, timeout=120)
             stop_id = started.stdout.strip().splitlines()[0] if started.stdout.strip() else "none"
             wrong = write_token(str(base / "wrong-token"))
+            curate = ["--", "curate", f"s3://{BUCKET}/in/images", f"s3://{BUCKET}/out-unused", *model_flags(tiny_models)]
+            bad_env = base / "bad-runtime-env.yaml"  # a py_modules package that is not there
+            bad_env.write_text(f"py_modules: ['file://{base}/no-such-package.zip']\n")
+            result["bad_env_path"] = f"{base}/no-such-package.zip"
             result.update(run_parallel({
+                # one pin the cluster does not have (braceexpand 0.1.6): exactly that one in pip
+                "one_other_pin": ([SHARDSMITH, "submit", *addr, "--dry-run", *endpoint, "--requirements-lock",
+                                   write_lock(base / "other.lock", {"braceexpand": "braceexpand==0.1.6"}), *curate],
+                                  client_env),
+                # another torch than the cluster's: refused before submitting
+                "other_torch": ([SHARDSMITH, "submit", *addr, *endpoint, "--requirements-lock",
+                                 write_lock(base / "torch.lock", {"torch": "torch==2.13.0"}), *curate], client_env),
+                "forced_pip": ([SHARDSMITH, "submit", *addr, "--pip", "--dry-run", *endpoint, *curate], client_env),
+                "runtime_env_failure": ([SHARDSMITH, "submit", *addr, "--no-pip", "--timeout", "180", *endpoint,
+                                         "--runtime-env", str(bad_env), *curate], client_env),
                 "stop": ([SHARDSMITH, "jobs", "stop", "--wait", *addr, stop_id], client_env),
                 # a job that fails (no input there): submit exits with the job's own exit code
                 "failing": ([SHARDSMITH, "submit", *addr, "--no-pip", "--timeout", "180", *endpoint, "--",
@@ -194,6 +340,24 @@ def two_node_run(tmp_path_factory, tiny_models, reference):
                 "unauthenticated": ([SHARDSMITH, "jobs", "list", *addr], cluster_env(wrong)),
             }, timeout=240))
             result["stopped_status"] = run([SHARDSMITH, "jobs", "status", *addr, stop_id], client_env, 60)
+            # --timeout: the job is stopped and submit exits 124
+            result["timeout"] = run([SHARDSMITH, "submit", *addr, "--no-pip", "--timeout", "3", *endpoint, *curate],
+                                    client_env, timeout=120)
+            timeout_id = (result["timeout"].stdout.strip().splitlines() or ["none"])[0]
+            result["timeout_stop"] = run([SHARDSMITH, "jobs", "stop", "--wait", *addr, timeout_id], client_env, 120)
+            result["timeout_status"] = run([SHARDSMITH, "jobs", "status", *addr, timeout_id], client_env, 60)
+            # Ctrl-C once the job is submitted (its id printed): submit exits 130, the job keeps running
+            proc = subprocess.Popen([SHARDSMITH, "submit", *addr, "--no-pip", *endpoint, *curate], env=client_env,
+                                    cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            interrupted_id = proc.stdout.readline().strip()
+            streamed = proc.stdout.readline()  # the job's first log line: submit is following the job now
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=60)
+            result["ctrl_c"] = subprocess.CompletedProcess(proc.args, proc.returncode,
+                                                           interrupted_id + "\n" + streamed + out, err)
+            result["ctrl_c_status"] = run([SHARDSMITH, "jobs", "status", *addr, interrupted_id], client_env, 60)
+            run([SHARDSMITH, "jobs", "stop", "--wait", *addr, interrupted_id], client_env, 120)
+            timings["exit_code_checks_s"] = round(time.monotonic() - t0, 1)
             timings["queries_done_s"] = round(time.monotonic() - t0, 1)
         timings["cluster_stopped_s"] = round(time.monotonic() - t0, 1)
         (base / "timings.json").write_text(json.dumps(timings))  # where the time goes, for slow machines
@@ -212,6 +376,74 @@ def test_submitted_curate_job_succeeds_and_streams_its_logs(two_node_run):
     assert job_id.startswith("shardsmith-curate-")
     assert "curate summary" in r.stdout and "TOTAL    40" in r.stdout  # the job's own output, streamed
     assert f"job {job_id} SUCCEEDED" in r.stderr
+
+
+def test_the_default_path_asked_the_cluster_and_installed_nothing(two_node_run):
+    """The nodes run this venv: every pin is there, so no pip (Ray would copy the 6.8 GB venv to make one)."""
+    r = two_node_run["submit"]
+    assert "asking the cluster what it has" in r.stderr
+    line = next(ln for ln in r.stderr.splitlines() if "pinned runtime requirements" in ln)
+    assert f"cluster: Python {platform.python_version()} (a virtualenv" in line and "-> no pip (asked in " in line
+    assert "runtime env: " in r.stderr and "pip: none" in r.stderr
+    recorded = json.loads(two_node_run["status"].stdout)["metadata"]  # in Ray's job table
+    assert recorded["shardsmith_runtime_env"] == "none" and recorded["shardsmith_pip"] == ""
+    seen = json.loads(recorded["shardsmith_cluster"])
+    assert seen["python"] == platform.python_version() and seen["missing"] == [] and seen["different"] == {}
+    import importlib.metadata as md
+
+    import torch
+
+    assert (seen["torch"], seen["torch_cuda"]) == (md.version("torch"), torch.version.cuda)
+
+
+def test_a_cluster_without_one_pin_gets_exactly_that_one(two_node_run):
+    r = two_node_run["one_other_pin"]
+    assert r.returncode == 0, r.stderr[-3000:]
+    plan = json.loads(r.stdout)
+    assert plan["runtime_env"]["pip"] == {"packages": ["braceexpand==0.1.6"], "pip_check": False}
+    assert plan["decision"]["shardsmith_runtime_env"] == "pip"
+    assert "pip will install: braceexpand==0.1.6" in r.stderr and "nothing submitted" in r.stderr
+    forced = two_node_run["forced_pip"]
+    assert forced.returncode == 0, forced.stderr[-3000:]
+    pins = json.loads(forced.stdout)["runtime_env"]["pip"]["packages"]
+    assert lock_lines()["torch"] in pins and "asking the cluster" not in forced.stderr
+
+
+def test_another_torch_is_refused_before_submitting(two_node_run):
+    import importlib.metadata as md
+
+    r = two_node_run["other_torch"]
+    assert r.returncode == 2, r.stderr[-3000:]
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("shardsmith submit: error:")]
+    assert len(errors) == 1, r.stderr[-3000:]
+    assert errors[0].startswith("shardsmith submit: error: torch: the cluster has ")
+    assert md.version("torch") in errors[0] and "2.13.0" in errors[0]
+    assert r.stdout == "" and "submitted" not in r.stderr  # no job id: nothing went to the cluster
+
+
+def test_a_job_that_fails_in_its_runtime_env_is_reported_as_such(two_node_run):
+    r = two_node_run["runtime_env_failure"]
+    assert r.returncode == 1, r.stderr[-3000:]
+    (line,) = [ln for ln in r.stderr.splitlines() if "FAILED setting up its runtime env" in ln]
+    assert "before the job ran" in line and "no-such-package.zip" in line, line
+    assert "curate" not in r.stdout.split("\n", 1)[-1]  # the job's own code never ran
+
+
+def test_submit_timeout_stops_the_job_and_exits_124(two_node_run):
+    r = two_node_run["timeout"]
+    assert r.returncode == 124, r.stderr[-3000:]
+    assert "still running after 3 s; stopping it" in r.stderr
+    assert json.loads(two_node_run["timeout_status"].stdout)["status"] == "STOPPED"
+
+
+def test_ctrl_c_leaves_the_job_running_and_exits_130(two_node_run):
+    r = two_node_run["ctrl_c"]
+    job_id = r.stdout.splitlines()[0]
+    assert job_id.startswith("shardsmith-curate-")
+    assert r.returncode == 130, r.stderr[-3000:]
+    assert f"interrupted; the job keeps running. Follow: shardsmith jobs logs --follow {job_id}" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert json.loads(two_node_run["ctrl_c_status"].stdout)["status"] in ("PENDING", "RUNNING", "SUCCEEDED")
 
 
 def test_jobs_commands_see_the_job(two_node_run):

@@ -15,6 +15,7 @@ from typing import IO, Iterator
 from shardsmith.pipelines.core import fs as fsutil
 from shardsmith.pipelines.core.layout import OutputLayout
 from shardsmith.pipelines.core.ledger import Ledger
+from shardsmith.pipelines.core.manifest import redact
 
 
 class ShardCommit:
@@ -46,7 +47,8 @@ class ShardCommit:
 
     def commit(self, stats: dict, **fields) -> dict:
         """Write the ledger entry (the shard's stats, its outputs and ``fields``, e.g. ``input``);
-        returns it."""
-        entry = {**stats, "outputs": list(self.outputs), **fields}
+        returns it. URLs in it are redacted like the manifest's: the entry feeds ``stats.json`` and
+        the report, and an input URL may carry a credential (``user:password@``, a signature)."""
+        entry = redact({**stats, "outputs": list(self.outputs), **fields})
         Ledger(self.layout).commit(self.shard, entry)
         return entry

@@ -21,7 +21,7 @@ from shardsmith.errors import RunError
 from shardsmith.pipelines.core.layout import COMMON_PARTS, OutputLayout
 from shardsmith.pipelines.core.ledger import Ledger, aggregate
 from shardsmith.pipelines.core.lock import DEFAULT_TTL, Lease
-from shardsmith.pipelines.core.manifest import open_run, write_json
+from shardsmith.pipelines.core.manifest import open_run, redact, write_json
 from shardsmith.pipelines.core.progress import summary
 
 
@@ -79,6 +79,11 @@ def run_job(spec: RunSpec, execute: Callable[[list[str]], None], log=print) -> d
 
 def _run(spec: RunSpec, execute: Callable[[list[str]], None], log) -> dict:
     from shardsmith.pipelines.core.resources import ray_session
+
+    raw_log = log
+
+    def log(line, *a, **kw):  # URLs in a line may carry credentials: redacted like the manifest's
+        return raw_log(redact(line) if isinstance(line, str) else line, *a, **kw)
 
     layout = OutputLayout(spec.output)
     manifest = open_run(layout, f"shardsmith {spec.tool}", spec.fingerprint, spec.config, spec.models, spec.inputs,
