@@ -74,8 +74,9 @@ def read_state_dict(url: str) -> dict[str, torch.Tensor]:
             f"{type(e).__name__}: {first}. If this is a trusted pickled module, convert it once: "
             "torch.save(torch.load(p, weights_only=False).state_dict(), 'head.pth')"
         ) from e
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
+    for wrapper in ("state_dict", "weights"):  # a checkpoint dict around the state dict (LAION's watermark
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):  # training saved {"weights": ...})
+            obj = obj[wrapper]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise WeightsError(f"{url}: expected a state dict of tensors, got {type(obj).__name__}")
     return obj
