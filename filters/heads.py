@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from shardsmith.filters.scores import BUILTIN, HEAD_ARCHS, SQUASH_256
+from shardsmith.filters.scores import BUILTIN, HEAD_ARCHS, SQUASH_256, HeadSpec
 from shardsmith.filters.weights import WeightsError as HeadLoadError
 from shardsmith.filters.weights import read_state_dict
 
@@ -319,6 +319,76 @@ def load_head(name: str, path: str, embed_dim: int | None = None, arch: str | No
             f"{embed_dim}-d (the LAION heads need ViT-L-14-quickgelu/openai, 768-d)"
         )
     return head.eval()
+def head_card(weights: str) -> dict | None:
+    """The card ``shardsmith fit-head`` writes beside a head (``WEIGHTS.json``), or None."""
+    import json
+
+    import fsspec
+
+    try:
+        with fsspec.open(weights + ".json", "rt") as f:
+            card = json.load(f)
+    except FileNotFoundError:
+        return None
+    except Exception as e:
+        raise HeadLoadError(f"{weights}.json: the head's card is not readable JSON: {type(e).__name__}: {e}") from e
+    return card if isinstance(card, dict) and card.get("kind") == "shardsmith-head" else None
+
+
+def check_card(name: str, weights: str, clip_model: str | None, clip_pretrained: str | None) -> None:
+    """A head fitted by ``fit-head`` reads the embeddings of the CLIP model its card names: a run
+    with another CLIP model is refused (dimensions may agree, the scores would not)."""
+    from shardsmith.filters.predictors import clip_name
+
+    card = head_card(weights)
+    if card is None or clip_model is None or not card.get("clip"):
+        return
+    ours = clip_name(clip_model, clip_pretrained)
+    if card["clip"] != ours:
+        raise HeadLoadError(f"{weights} was fitted on {card['clip']} embeddings (its card "
+                            f"{weights}.json) but this run's CLIP is {ours}; refit it with this CLIP model "
+                            "(shardsmith fit-head) or run with that one")
+
+
+def pin_heads(heads: dict[str, HeadSpec], log=None) -> dict[str, HeadSpec]:
+    """The heads with every named predictor fetched (once, into this machine's cache), verified
+    and pinned: its sha256 and size are what was verified, and ``weights`` the cached file (a hint
+    the other processes of this machine use). Done by the driver before any work, so that the run
+    records each predictor's hash and the actors require that same file."""
+    from shardsmith.filters.predictors import resolve
+
+    out = {}
+    for name, spec in heads.items():
+        p = spec.predictor
+        if p is None:
+            out[name] = spec
+            continue
+        r = resolve(p, hint=spec.weights or None)
+        if log and r.downloaded:
+            log(f"predictor {p.name}: fetched {p.url} ({r.predictor.size} bytes, sha256 {r.predictor.sha256})")
+        if log and p.sha256 is None:
+            log(f"predictor {p.name}: no sha256 pinned; using the file with sha256 {r.predictor.sha256} (recorded in "
+                f"the manifest; pin it with --predictor-sha256 {p.name}={r.predictor.sha256})")
+        out[name] = HeadSpec(spec.arch, r.source, r.predictor)
+    return out
+
+
+def load_head_spec(name: str, spec: HeadSpec, embed_dim: int | None = None, clip_model: str | None = None,
+                   clip_pretrained: str | None = None) -> nn.Module:
+    """The head module of ``spec``: an arch and a weights file (a fit-head card beside it is
+    checked against the CLIP model given), or a named predictor (fetched, verified and converted
+    as needed: ``filters/predictors.py``). The one way curate, recurate and the benchmarks get a
+    head from a HeadSpec."""
+    if spec.predictor is not None:
+        from shardsmith.filters.predictors import resolve
+
+        path = resolve(spec.predictor, hint=spec.weights or None).path
+    else:
+        path = spec.weights
+        check_card(name, path, clip_model, clip_pretrained)
+    return load_head(name, path, embed_dim=embed_dim, arch=spec.arch)
+
+
 @dataclass
 class FitResult:
     head: ProbabilityHead

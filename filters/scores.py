@@ -130,12 +130,15 @@ def _json_float(v: float):
 BUILTIN: dict[str, Score] = {s.name: s for s in (
     Score("aesthetic", "aesthetic score", "aes", EMBEDDING, UNBOUNDED, arch="laion-aesthetic",
           option="aesthetic_head", laion=("aesthetic_score", "aesthetic"), builtin=True,
-          about="LAION improved aesthetic predictor weights (e.g. sac+logos+ava1-l14-linearMSE.pth)"),
+          about="LAION improved aesthetic predictor weights (a file such as sac+logos+ava1-l14-linearMSE.pth, or a "
+                "predictor: laion-aesthetic-v2)"),
     Score("pwatermark", "watermark probability", "wm", EMBEDDING, PROBABILITY, arch="probability",
-          option="watermark_head", laion=("pwatermark",), builtin=True, about="watermark probability head weights"),
+          option="watermark_head", laion=("pwatermark",), builtin=True,
+          about="watermark probability head weights (e.g. one made by shardsmith fit-head), or the predictor "
+                "laion-watermark-effnet (LAION's own image classifier)"),
     Score("punsafe", "NSFW probability", "nsfw", EMBEDDING, PROBABILITY, arch="laion-nsfw",
           option="nsfw_head", laion=("punsafe",), builtin=True,
-          about="NSFW head weights (LAION CLIP-based detector architecture)"),
+          about="NSFW head weights (LAION CLIP-based detector architecture), or a predictor: laion-nsfw-l14"),
     Score("similarity", "image-caption similarity", "sim", EMBEDDING_AND_CAPTION, (-1.0, 1.0),
           laion=("similarity",), builtin=True),
 )}
