@@ -9,7 +9,7 @@ same code serves the original ViT-L/14 heads (D=768) and tiny test models. The a
 - ``linear``: ``LinearHead``, an ``nn.Linear(D, 1)`` state dict (keys ``weight``, ``bias``), the layout
   of LAION's v1 aesthetic heads ``sa_0_4_vit_*_linear.pth``; raw output.
 - ``probability``: ``ProbabilityHead``, Linear layers with ReLU between, sigmoid output; the
-  watermark score, and what :func:`fit_probability_head` fits.
+  watermark score, and what ``shardsmith fit-head`` fits (``filters/fit.py``).
 - ``mlp``: ``MLPHead``, the same stack with raw output (a regression head; LAION's ReLU aesthetic
   variant ``ava+logos-l14-reluMSE.pth`` loads as is).
 - ``laion-aesthetic``: ``AestheticMLP``, the LAION improved aesthetic predictor
@@ -29,9 +29,6 @@ or a named predictor) into a loaded module: the one way every job gets a head.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import numpy as np
 import torch
 from torch import nn
 
@@ -387,31 +384,3 @@ def load_head_spec(name: str, spec: HeadSpec, embed_dim: int | None = None, clip
         path = spec.weights
         check_card(name, path, clip_model, clip_pretrained)
     return load_head(name, path, embed_dim=embed_dim, arch=spec.arch)
-
-
-@dataclass
-class FitResult:
-    head: ProbabilityHead
-    train_accuracy: float
-
-
-def fit_probability_head(
-    embeddings: np.ndarray, labels: np.ndarray, hidden: int = 0, epochs: int = 300, seed: int = 0
-) -> FitResult:
-    """Fit a watermark-style probability head on labelled (already normalised) embeddings."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.as_tensor(embeddings, dtype=torch.float32)
-    y = torch.as_tensor(labels, dtype=torch.float32)
-    sizes = [x.shape[1], hidden, 1] if hidden else [x.shape[1], 1]
-    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
-    head = ProbabilityHead(sizes)
-    opt = torch.optim.Adam(head.parameters(), lr=0.05)
-    for _ in range(epochs):
-        opt.zero_grad()
-        logits = head.layers(x).squeeze(-1)
-        loss = nn.functional.binary_cross_entropy_with_logits(logits, y)
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        acc = float(((head(x) > 0.5).float() == y).float().mean())
-    return FitResult(head.eval(), acc)

@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from shardsmith.filters.heads import AestheticMLP, NsfwHead, ProbabilityHead, fit_probability_head, load_head
+from shardsmith.filters.fit import fit_probability_head
+from shardsmith.filters.heads import AestheticMLP, NsfwHead, ProbabilityHead, load_head
 from shardsmith.filters.weights import WeightsError
 
 
