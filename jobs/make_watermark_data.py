@@ -47,13 +47,18 @@ def iter_sources(spec: str, skip_if: str | None):
     from shardsmith.pipelines.formats.inputs import find_inputs
     from shardsmith.pipelines.formats.tar import iter_tar_samples
 
+    from shardsmith.errors import InputError
+
+    urls = [] if fsutil.isdir(spec) else [u for u in find_inputs(spec) if fsutil.exists(u)]
+    if not fsutil.isdir(spec) and not urls:
+        raise InputError(f"{spec}: no such file or folder (expected webdataset shards or a folder of images)")
     if fsutil.isdir(spec) and not fsutil.list_files(spec, (".tar",)):
         for name in sorted(os.listdir(spec)):
             if name.lower().endswith(IMAGE_SUFFIXES):
                 with open(os.path.join(spec, name), "rb") as f:
                     yield os.path.splitext(name)[0], f.read(), None, None
         return
-    for url in find_inputs(spec):
+    for url in urls or find_inputs(spec):
         if not url.endswith(".tar"):
             continue
         shard = url.rstrip("/").rsplit("/", 1)[-1][:-4]

@@ -257,3 +257,101 @@ def test_predictors_cli_list_fetch_verify(mirror, tmp_path):
         f.write(b"\xff\xff")
     r = cli("verify", "--sha256", f"laion-aesthetic-v2={sha(data)}")
     assert r.returncode == 2 and "changed on disk" in r.stdout
+
+
+def reference_embeddings(tiny_models, shard) -> dict[str, torch.Tensor]:
+    """open_clip's own preprocess and encode_image, L2-normalised, for each readable image."""
+    import tarfile
+
+    import open_clip
+    from PIL import Image
+
+    open_clip.add_model_config(tiny_models["clip_model"])
+    name = os.path.basename(tiny_models["clip_model"])[:-5]
+    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=tiny_models["clip_pretrained"])
+    out = {}
+    with tarfile.open(shard) as tar:
+        for m in tar.getmembers():
+            key, ext = m.name.split(".", 1)
+            if ext not in ("jpg", "png", "webp"):
+                continue
+            try:
+                x = preprocess(Image.open(io.BytesIO(tar.extractfile(m).read()))).unsqueeze(0)
+            except Exception:
+                continue  # the broken samples
+            with torch.no_grad():
+                out[key] = torch.nn.functional.normalize(model.eval().encode_image(x).float(), dim=-1)[0]
+    return out
+
+
+def test_curate_with_declared_and_builtin_predictors_equals_references(ray_local, tiny_models, sample, mirror,
+                                                                        tmp_path):
+    import json
+
+    import yaml
+    from conftest import read_scores
+    from test_heads import NemoNSFWModel
+
+    from shardsmith.jobs.cli import build_parser
+    from shardsmith.jobs.curate import config_from_args
+    from shardsmith.pipelines.flows.curate import run_curate
+
+    torch.manual_seed(8)
+    nsfw = NemoNSFWModel(64).eval()
+    with torch.no_grad():
+        nsfw.norm.variance.uniform_(0.5e-3, 2e-3)
+        nsfw.linear_4.bias.fill_(2.0)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:  # the layout NeMo Curator downloads: one .pth in a zip
+        z.writestr("clip_autokeras_binary_nsfw.pth", torch_bytes(nsfw.state_dict()))
+    nsfw_url = "https://models.example.org/nsfw/clip_autokeras_binary_nsfw.zip"
+    mirror.put(nsfw_url, buf.getvalue())
+    aes_bytes, aes = aesthetic_file(seed=6)
+    mirror.put(AES_URL, aes_bytes)
+    cfg_file = tmp_path / "curate.yaml"
+    cfg_file.write_text(yaml.safe_dump({
+        "clip_model": tiny_models["clip_model"], "clip_pretrained": tiny_models["clip_pretrained"], "preset": "none",
+        "predictors": {"my-nsfw": {"url": nsfw_url, "sha256": sha(buf.getvalue()), "format": "laion-nsfw-torch"}},
+        "heads": {"punsafe": {"predictor": "my-nsfw"}}, "rules": ["punsafe < 0.9"], "batch_size": 16}))
+    shard = sample["shards"][0]
+    args = build_parser().parse_args(["curate", shard, str(tmp_path / "out"), "--config", str(cfg_file), "--quiet",
+                                      "--aesthetic-head", "laion-aesthetic-v2", "--no-report",
+                                      "--predictor-sha256", f"laion-aesthetic-v2={sha(aes_bytes)}"])
+    cfg = config_from_args(args)
+    lines = []
+    run_curate(cfg, log=lines.append)
+    ref = reference_embeddings(tiny_models, shard)
+    rows = {r["key"]: r for r in read_scores(tmp_path / "out").to_pylist() if r["status"] != "error"}
+    common = sorted(set(ref) & set(rows))
+    assert len(common) >= 10
+    x = torch.stack([ref[k] for k in common])
+    with torch.no_grad():
+        np.testing.assert_allclose([rows[k]["punsafe"] for k in common], nsfw(x).squeeze(-1).numpy(), atol=1e-4)
+        np.testing.assert_allclose([rows[k]["aesthetic"] for k in common], aes(x).squeeze(-1).numpy(), atol=1e-4)
+    manifest = json.load(open(tmp_path / "out" / "manifest.json"))
+    heads = manifest["models"]["heads"]
+    assert heads["punsafe"]["predictor"]["name"] == "my-nsfw" and heads["punsafe"]["predictor"]["url"] == nsfw_url
+    assert heads["punsafe"]["predictor"]["sha256"] == sha(buf.getvalue())
+    assert heads["punsafe"]["predictor"]["size"] == len(buf.getvalue())
+    assert heads["aesthetic"]["predictor"] == {"name": "laion-aesthetic-v2", "url": AES_URL, "sha256": sha(aes_bytes),
+                                               "size": len(aes_bytes), "format": "laion-aesthetic",
+                                               "clip": "ViT-L-14-quickgelu/openai"}
+    assert any("reads ViT-L-14-quickgelu/openai embeddings" in line for line in lines)  # a warning, said once
+    assert mirror.count(nsfw_url) == 1 and mirror.count(AES_URL) == 1
+
+
+def test_head_predictor_config_forms_and_errors(tmp_path):
+    from shardsmith.pipelines.config import CurateConfig, parse_head_flag
+
+    assert parse_head_flag("pwm=laion-watermark-effnet") == ("pwm", {"predictor": "laion-watermark-effnet"})
+    assert parse_head_flag("pcartoon=linear:s3://m/c.pth") == ("pcartoon", {"arch": "linear", "weights": "s3://m/c.pth"})
+    ok = CurateConfig(input="x", output="y", watermark_head="laion-watermark-effnet",
+                      heads={"punsafe": {"predictor": "laion-nsfw-l14", "label": "unsafe"}})
+    ok.validate()
+    assert ok.score_set()["pwatermark"].consumes == "pixels" and ok.score_set()["punsafe"].label == "unsafe"
+    assert ok.head_specs()["punsafe"].predictor.format == "laion-nsfw-keras"
+    for heads, msg in (({"punsafe": {"predictor": "laion-nsfw-l14", "arch": "linear"}}, "not both"),
+                       ({"pcartoon": {"predictor": "nope"}}, "unknown predictor 'nope'"),
+                       ({"pwatermark": {"predictor": "laion-aesthetic-v2"}}, "outside the range of pwatermark")):
+        with pytest.raises(ConfigError, match=msg):
+            CurateConfig(input="x", output="y", heads=heads).validate()
