@@ -6,7 +6,8 @@
   (D -> 1024 -> 128 -> 64 -> 16 -> 1, ReLU between), trained with MSE; metrics MSE and Spearman.
 
 ``cross_validate`` fits one head per fold on the other folds and scores the held-out one (folds
-stratified by label for binary tasks, shuffled with a seed): the metrics are held-out ones,
+stratified by label for binary tasks, shuffled with a seed; rows of one group -- an image and its
+synthetic watermarked copy -- always in the same fold): the metrics are held-out ones,
 averaged over folds, and every row gets one held-out score. ``fit_head`` then fits the head that
 is written on all rows. Full-batch Adam, a fixed number of epochs, seeded: the same data gives the
 same head. Up to 4096 rows each epoch is one full-batch step; larger sets take shuffled
@@ -77,10 +78,26 @@ def metrics(task: str, labels: np.ndarray, scores: np.ndarray) -> dict[str, floa
     return {"mse": float(np.mean((scores - labels) ** 2)), "spearman": spearman(labels, scores)}
 
 
-def folds(labels: np.ndarray, k: int, task: str, seed: int = 0) -> list[np.ndarray]:
-    """``k`` disjoint index arrays covering every row; stratified by label for binary tasks."""
+def folds(labels: np.ndarray, k: int, task: str, seed: int = 0, groups: list | None = None) -> list[np.ndarray]:
+    """``k`` disjoint index arrays covering every row; stratified by label for binary tasks. With
+    ``groups``, rows of one group stay in one fold (a watermarked image and its clean original must
+    not be split between training and held-out rows: their embeddings are near twins)."""
     rng = np.random.default_rng(seed)
     n = len(labels)
+    if groups is not None:
+        members: dict = {}
+        for i, g in enumerate(groups):
+            members.setdefault(g, []).append(i)
+        order = list(members.values())
+        rng.shuffle(order)
+        out_g: list[list[int]] = [[] for _ in range(k)]
+        pos = [0] * k
+        for rows in sorted(order, key=len, reverse=True):  # biggest first, each to the emptiest fold
+            p = int(sum(labels[r] > 0.5 for r in rows)) if task == "binary" else 0
+            j = min(range(k), key=lambda f: (len(out_g[f]), pos[f] if p else -pos[f]))
+            out_g[j].extend(rows)
+            pos[j] += p
+        return [np.sort(np.array(f, dtype=np.int64)) for f in out_g]
     if task == "binary":
         out: list[list[int]] = [[] for _ in range(k)]
         for cls in (0, 1):
@@ -186,10 +203,11 @@ class FitReport:
     options: FitOptions | None = None
 
 
-def cross_validate(x: np.ndarray, y: np.ndarray, k: int, opts: FitOptions) -> tuple[dict, list[dict], np.ndarray]:
+def cross_validate(x: np.ndarray, y: np.ndarray, k: int, opts: FitOptions, groups: list | None = None
+                   ) -> tuple[dict, list[dict], np.ndarray]:
     held = np.full(len(y), np.nan, dtype=np.float32)
     per_fold = []
-    for i, test in enumerate(folds(y, k, opts.task, opts.seed)):
+    for i, test in enumerate(folds(y, k, opts.task, opts.seed, groups)):
         train_idx = np.setdiff1d(np.arange(len(y)), test)
         head = train(x[train_idx], y[train_idx], FitOptions(**{**opts.__dict__, "seed": opts.seed + i}))
         held[test] = predict(head, x[test])
@@ -199,9 +217,10 @@ def cross_validate(x: np.ndarray, y: np.ndarray, k: int, opts: FitOptions) -> tu
     return avg, per_fold, held
 
 
-def fit_head(x: np.ndarray, y: np.ndarray, k: int = 5, opts: FitOptions | None = None) -> FitReport:
-    """k-fold held-out metrics, then the head fitted on every row."""
+def fit_head(x: np.ndarray, y: np.ndarray, k: int = 5, opts: FitOptions | None = None,
+             groups: list | None = None) -> FitReport:
+    """k-fold held-out metrics (``groups`` kept within folds), then the head fitted on every row."""
     opts = (opts or FitOptions()).resolved()
-    avg, per_fold, held = cross_validate(x, y, k, opts)
+    avg, per_fold, held = cross_validate(x, y, k, opts, groups)
     head = train(x, y, opts)
     return FitReport(head, opts.task, avg, per_fold, held, metrics(opts.task, y, predict(head, x)), opts)

@@ -9,7 +9,8 @@ Both are re-encoded the same way (JPEG, --quality, at most --max-side pixels), s
 tells them apart. They land in the same output shard, so a split by shard keeps pairs together.
 
 OUTPUT/NNNNN.tar holds KEY.jpg, KEY.cls (0/1), KEY.txt (the source caption, if any) and KEY.json
-(label, source key, what was drawn); OUTPUT/labels.parquet lists key and label; OUTPUT/summary.json
+(label, source key, the pair's group, what was drawn); OUTPUT/labels.parquet lists key, label and
+group (fit-head keeps a pair in one fold: split apart, the clean twin would leak the answer); OUTPUT/summary.json
 counts what was written and skipped. Feed it to ``shardsmith fit-head --images OUTPUT HEAD``.
 Same arguments, same bytes.
 
@@ -144,10 +145,11 @@ def make_watermark_data(spec: str, output: str, per_shard: int = 500, max_side: 
                 members = {"jpg": encode(picture), "cls": str(label).encode()}
                 if caption:
                     members["txt"] = caption.encode()
-                members["json"] = json.dumps({"key": key, "label": label, "source": src_key, "watermark": drawn,
-                                              "width": picture.width, "height": picture.height}).encode()
+                members["json"] = json.dumps({"key": key, "label": label, "source": src_key, "group": base,
+                                              "watermark": drawn, "width": picture.width,
+                                              "height": picture.height}).encode()
                 writer.add_sample(key, members)
-                labels.append((key, label, src_key, info["kind"] if label else None))
+                labels.append((key, label, base, src_key, info["kind"] if label else None))
             used += 1
             n_in_shard += 1
             if n_in_shard >= per_shard:
@@ -163,7 +165,7 @@ def make_watermark_data(spec: str, output: str, per_shard: int = 500, max_side: 
         raise InputError(f"{spec}: no readable image to make watermark data from"
                          + (f" (skipped: {skipped}; first: {first_skip})" if skipped else ""))
     t = pa.table({"key": [r[0] for r in labels], "label": pa.array([r[1] for r in labels], pa.int8()),
-                  "source": [r[2] for r in labels], "kind": [r[3] for r in labels]})
+                  "group": [r[2] for r in labels], "source": [r[3] for r in labels], "kind": [r[4] for r in labels]})
     buf = io.BytesIO()
     pq.write_table(t, buf)
     fsutil.write_bytes_atomic(fsutil.join(output, "labels.parquet"), buf.getvalue())

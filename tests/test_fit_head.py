@@ -114,6 +114,24 @@ def test_the_head_loads_in_curate_and_another_clip_is_refused(ray_local, tiny_mo
     assert not os.path.exists(tmp_path / "out-b" / "manifest.json")
 
 
+def test_twins_stay_in_one_fold():
+    """A watermarked copy and its original have near-identical embeddings under a CLIP that cannot
+    see the mark: split between folds, the twin leaks its label and the held-out AUC falls far
+    below chance; grouped, it is chance, as it should be."""
+    rng = np.random.default_rng(2)
+    base = rng.normal(size=(150, 32))
+    x = np.concatenate([base, base + rng.normal(0, 1e-3, base.shape)]).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    y = np.r_[np.zeros(150), np.ones(150)].astype(np.float32)
+    groups = [f"g{i}" for i in range(150)] * 2
+    leaky = fit_head(x, y, 5, FitOptions("binary"))
+    grouped = fit_head(x, y, 5, FitOptions("binary"), groups=groups)
+    assert leaky.metrics["auc"] < 0.3, leaky.metrics
+    assert 0.35 < grouped.metrics["auc"] < 0.65, grouped.metrics
+    for f in folds(y, 5, "binary", groups=groups):
+        assert set(np.asarray(groups)[f]).isdisjoint(set(np.asarray(groups)[np.setdiff1d(np.arange(300), f)]))
+
+
 def test_regression_recovers_a_planted_score():
     x, _, w = planted(400, 32, seed=5)
     y = (5 + 12 * (x @ w) + np.random.default_rng(1).normal(0, 0.1, len(x))).astype(np.float32)
@@ -152,6 +170,7 @@ def test_make_watermark_data_then_fit_head_on_images(ray_local, tiny_models, sam
     assert s1["skipped"]  # the sample's broken and already watermarked images
     labels = pq.read_table(out / "labels.parquet").to_pylist()
     assert sorted(r["label"] for r in labels) == [0] * 10 + [1] * 10
+    assert len({r["group"] for r in labels}) == 10
     first = open(out / "00000.tar", "rb").read()
     make_watermark_data(sample["images"] + "/00000.tar", str(tmp_path / "wm2"), per_shard=5, max_side=160, limit=10,
                         skip_if="sample_watermarked", log=lambda *a: None)
@@ -162,5 +181,6 @@ def test_make_watermark_data_then_fit_head_on_images(ray_local, tiny_models, sam
                 "--quiet"]) == 0
     card = json.load(open(str(head) + ".json"))
     assert card["data"]["rows"] == 20 and card["data"]["positives"] == 10 and 0 <= card["metrics"]["auc"] <= 1
+    assert card["data"]["groups"] == 10  # each pair kept in one fold
     assert card["clip"] == "tiny-clip/tiny-clip.pt"
     assert os.path.exists(str(head) + ".embeddings/curate/manifest.json")

@@ -35,13 +35,16 @@ class Labelled:
     keys: list[str]
     x: np.ndarray  # float32 (N, D), L2-normalised
     y: np.ndarray  # float32 (N,)
+    groups: list | None  # rows of one group stay in one fold (None: every row its own)
     clip_model: str
     clip_pretrained: str | None
     data: dict  # what the card records about the data
 
 
-def read_labels(url: str) -> dict[str, float]:
-    """key -> label from a parquet or csv table with columns ``key`` and ``label``."""
+def read_labels(url: str) -> tuple[dict[str, float], dict[str, str] | None]:
+    """(key -> label, key -> group or None) from a parquet or csv table with columns ``key``,
+    ``label`` and optionally ``group`` (rows that must stay in one fold, e.g. an image and its
+    watermarked copy)."""
     import pyarrow.csv as pcsv
     import pyarrow.parquet as pq
 
@@ -70,10 +73,13 @@ def read_labels(url: str) -> dict[str, float]:
             out[k] = float(v)
         except (TypeError, ValueError) as e:
             raise InputError(f"LABELS {url}: label {v!r} of key {k!r} is not a number") from e
-    return out
+    groups = None
+    if "group" in t.column_names:
+        groups = {str(k): str(g) for k, g in zip(t.column("key").to_pylist(), t.column("group").to_pylist())}
+    return out, groups
 
 
-def from_run(run: str, labels: dict[str, float], source: dict) -> Labelled:
+def from_run(run: str, labels: dict[str, float], source: dict, groups: dict[str, str] | None = None) -> Labelled:
     """The labelled rows of RUN's embeddings (joined on key), and RUN's CLIP model."""
     from shardsmith.pipelines.formats.embeddings import embedding_shards, iter_embeddings
 
@@ -97,7 +103,10 @@ def from_run(run: str, labels: dict[str, float], source: dict) -> Labelled:
     y = np.array([labels[k] for k in keys], dtype=np.float32)
     missing = len(set(labels) - set(keys))
     data = {**source, "rows": len(keys), "embeddings_in_run": seen, "labelled_without_embedding": missing}
-    return Labelled(keys, x, y, models.get("clip_model") or "", models.get("clip_pretrained"), data)
+    g = [groups.get(k, k) for k in keys] if groups else None
+    if g is not None:
+        data["groups"] = len(set(g))
+    return Labelled(keys, x, y, g, models.get("clip_model") or "", models.get("clip_pretrained"), data)
 
 
 def _label_of(sample, field: str) -> float | None:
@@ -117,8 +126,9 @@ def _label_of(sample, field: str) -> float | None:
     return None
 
 
-def labels_from_shards(urls: list[str], field: str) -> dict[str, float]:
-    """key -> label of every sample that has one (KEY.cls, KEY.label or KEY.json's ``field``)."""
+def labels_from_shards(urls: list[str], field: str, groups: dict | None = None) -> dict[str, float]:
+    """key -> label of every sample that has one (KEY.cls, KEY.label or KEY.json's ``field``);
+    ``groups`` (if given) is filled with key -> KEY.json's ``group`` where present."""
     from shardsmith.pipelines.formats.tar import iter_tar_samples
 
     out: dict[str, float] = {}
@@ -134,6 +144,11 @@ def labels_from_shards(urls: list[str], field: str) -> dict[str, float]:
                 if s.key in out:
                     raise InputError(f"{url}: key {s.key!r} appears in more than one shard")
                 out[s.key] = v
+                if groups is not None and "json" in s.members:
+                    meta = json.loads(s.members["json"])
+                    g = meta.get("group") if isinstance(meta, dict) else None
+                    if g is not None:
+                        groups[s.key] = str(g)
     return out
 
 
@@ -221,20 +236,26 @@ def run_fit_head(cfg: FitHeadConfig, log=print) -> dict:
     from shardsmith.filters.fit import FitOptions, fit_head
 
     cfg.validate()
+    groups: dict | None
     if cfg.images:
         run, urls = embed_images(cfg, log)
-        labels = read_labels(cfg.labels) if cfg.labels else labels_from_shards(urls, cfg.label_field)
+        if cfg.labels:
+            labels, groups = read_labels(cfg.labels)
+        else:
+            groups = {}
+            labels = labels_from_shards(urls, cfg.label_field, groups)
         source = {"images": cfg.images, "labels": cfg.labels or f"shards' {cfg.label_field} field", "embeddings": run}
     else:
-        run, labels = cfg.run, read_labels(cfg.labels)
+        run, (labels, groups) = cfg.run, read_labels(cfg.labels)
         source = {"run": cfg.run, "labels": cfg.labels}
-    data = from_run(run, labels, source)
+    data = from_run(run, labels, source, groups or None)
     where = cfg.labels or cfg.images or run
     data.data.update(check_labels(data.y, cfg.task, cfg.folds, where))
     log(f"fit-head: {len(data.y)} labelled rows ({data.data['labelled_without_embedding']} labels without an "
         f"embedding), {data.x.shape[1]}-d {data.clip_model} embeddings, {cfg.task}, {cfg.folds}-fold")
     t0 = time.perf_counter()
-    rep = fit_head(data.x, data.y, cfg.folds, FitOptions(cfg.task, tuple(cfg.hidden), cfg.epochs, seed=cfg.seed))
+    rep = fit_head(data.x, data.y, cfg.folds, FitOptions(cfg.task, tuple(cfg.hidden), cfg.epochs, seed=cfg.seed),
+                   groups=data.groups)
     sd = {k: v.detach().contiguous() for k, v in rep.head.state_dict().items()}
     layers = [int(sd[k].shape[0]) for k in sorted((k for k in sd if k.endswith(".weight")),
                                                  key=lambda k: int(k.split(".")[1]))]
