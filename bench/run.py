@@ -8,10 +8,11 @@ does, then measures, each side by side with its reference on the same data:
 5. metadata_filter_rows_per_s                                              (bench/metadata_filter.py)
 6. scale_out_2_nodes, on its own pinned local clusters                     (bench/scaleout.py)
 
-plus ``--fast-decode``'s speed and deviation (bench/fast_decode.py). Writes ``bench/results.json``
+plus ``--fast-decode``'s speed and deviation (bench/fast_decode.py) and the cost of LAION's
+watermark model, a second forward on its own input (bench/watermark_effnet.py). Writes ``bench/results.json``
 and ``bench/results.md`` after every figure; exits 1 when a figure misses its target or fails.
 
-    python -m bench.run [--only scoring,generation,metadata,fast_decode,scaleout] [--quick]
+    python -m bench.run [--only scoring,generation,metadata,fast_decode,watermark,scaleout] [--quick]
 
 ``--quick`` shrinks everything to check that the harness runs (its figures mean nothing).
 """
@@ -38,7 +39,7 @@ SIZES = {
     "quick": {"shards": 2, "per_shard": 64, "meta_files": 2, "meta_rows": 100_000, "gen_images": 4,
               "gen_direct": 2, "gen_steps": 2, "gen_size": 64, "scaleout_shards": 2, "fast_images": 64},
 }
-STEPS = ("scoring", "metadata", "generation", "fast_decode", "scaleout")
+STEPS = ("scoring", "metadata", "generation", "fast_decode", "watermark", "scaleout")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,6 +127,17 @@ def main(argv: list[str] | None = None) -> int:
                     return {}
 
                 attempt("fast_decode", fd)
+            if "watermark" in steps:
+                from bench import watermark_effnet
+
+                say("extra: LAION's watermark model (a second forward at 256x256) vs a CLIP-head pwatermark")
+
+                def wm():
+                    results.doc["extras"]["watermark_effnet"] = watermark_effnet.run(
+                        images, heads, args.work, size["fast_images"], plan.torch_threads, batch)
+                    return {}
+
+                attempt("watermark", wm)
     if "scaleout" in steps:
         from bench import scaleout
 
