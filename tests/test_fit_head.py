@@ -2,7 +2,6 @@
 held-out AUC >= 0.95, the head must load in curate (and be refused with another CLIP model), and
 make-watermark-data must give labelled shards that fit-head --images embeds on the fly."""
 
-import io
 import json
 import os
 
@@ -10,7 +9,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import yaml
 
 from shardsmith.errors import ConfigError, InputError
 from shardsmith.filters.fit import FitOptions, auc, fit_head, folds, spearman

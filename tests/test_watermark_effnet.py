@@ -9,8 +9,6 @@ from random images so that the output depends on the input), built here."""
 
 import io
 import json
-import os
-import tarfile
 
 import numpy as np
 import pytest
@@ -81,7 +79,7 @@ def reference(model, imgs) -> np.ndarray:
         return torch.nn.functional.softmax(model(batch), dim=1)[:, 0].numpy()
 
 
-def jpeg(img) -> bytes:
+def png_rgb(img) -> bytes:
     buf = io.BytesIO()
     img.convert("RGB").save(buf, format="PNG")
     return buf.getvalue()
@@ -100,7 +98,7 @@ def test_pwatermark_equals_laions_reference(tiny_models, watermark_weights):
     assert list(spec.pixel_inputs()) == ["pixels_squash256"]
     scorer = Scorer(spec, device="cpu")
     imgs = images()
-    data = [jpeg(im) if i < 2 else _png_rgba(im) for i, im in enumerate(imgs)]
+    data = [png_rgb(im) if i < 2 else _png_rgba(im) for i, im in enumerate(imgs)]
     n = len(data)
     batch = {"row": np.arange(n), "image": np.array(data, dtype=object), "error_kind": np.array([None] * n),
              "error": np.array([None] * n), "key": np.array([str(i) for i in range(n)], dtype=object)}

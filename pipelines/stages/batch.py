@@ -33,6 +33,7 @@ def is_pixel_column(name: str) -> bool:
     """``pixels`` and the extra pixel inputs ``pixels_NAME``: consumed by the score stage."""
     return name == "pixels" or name.startswith("pixels_")
 
+
 __all__ = ["SENTINEL", "SAMPLE", "DECODED", "TEXT_COLUMNS", "text", "text_columns", "sample_batch",
            "result_columns", "results_table", "is_pixel_column"]
 
