@@ -24,7 +24,7 @@ if _os.path.isfile(_os.path.join(_checkout, "pyproject.toml")) and _os.path.isfi
         _os.path.join(_checkout, "pipelines", "__init__.py")):
     __path__.append(_checkout)  # a source checkout: jobs/, pipelines/, ... are shardsmith.jobs, ...
 
-__all__ = ["curate", "download", "generate", "augment", "report", "ShardsmithError", "__version__"]
+__all__ = ["curate", "download", "generate", "augment", "report", "fit_head", "ShardsmithError", "__version__"]
 
 
 def __getattr__(name: str):
