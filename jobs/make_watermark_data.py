@@ -23,9 +23,6 @@ import argparse
 
 from shardsmith.jobs.entry import job_main
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("clean_images", help="webdataset shards (folder, glob, {a,b} pattern) or a folder of images")
     p.add_argument("output", help="folder for the labelled shards (local path or fsspec URL)")
@@ -46,6 +43,7 @@ def iter_sources(spec: str, skip_if: str | None):
 
     from shardsmith.pipelines.core import fs as fsutil
     from shardsmith.pipelines.formats.inputs import find_inputs
+    from shardsmith.pipelines.formats.labels import IMAGE_SUFFIXES
     from shardsmith.pipelines.formats.tar import iter_tar_samples
 
     from shardsmith.errors import InputError

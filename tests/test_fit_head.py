@@ -158,6 +158,26 @@ def test_bad_labels_are_one_line_errors(tmp_path, tiny_models):
     assert not os.path.exists(tmp_path / "h.safetensors")
 
 
+def test_label_folders_become_labelled_shards(tmp_path):
+    from PIL import Image
+
+    from shardsmith.pipelines.formats.labels import folders_to_shards, labels_from_shards
+
+    for label, n in (("0", 2), ("1", 3)):
+        os.makedirs(tmp_path / "imgs" / label)
+        for i in range(n):
+            Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(tmp_path / "imgs" / label / f"im{i}.png")
+    (tmp_path / "imgs" / "1" / "notes.txt").write_text("not an image")
+    urls = folders_to_shards(str(tmp_path / "imgs"), str(tmp_path / "shards"), per_shard=4)
+    assert len(urls) == 2
+    labels = labels_from_shards(urls, "label")
+    assert sorted(labels.values()) == [0, 0, 1, 1, 1] and len(set(labels)) == 5
+    os.makedirs(tmp_path / "bad" / "cats")
+    Image.new("RGB", (8, 8)).save(tmp_path / "bad" / "cats" / "a.png")
+    with pytest.raises(InputError, match="folder 'cats' is not a label"):
+        folders_to_shards(str(tmp_path / "bad"), str(tmp_path / "s2"))
+
+
 def test_make_watermark_data_then_fit_head_on_images(ray_local, tiny_models, sample, tmp_path):
     from shardsmith.jobs.make_watermark_data import make_watermark_data
 
