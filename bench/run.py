@@ -12,11 +12,12 @@ does, then measures, each side by side with its reference on the same data:
 6. recurate_rows_per_s: recurate vs the curate run it re-decides          (bench/recurate.py)
 7. cli_help_seconds: ``shardsmith [SUBCOMMAND] --help`` as a new process  (bench/cli_help.py)
 
-plus ``--fast-decode``'s speed and deviation (bench/fast_decode.py) and bf16's deviation and
-``torch.compile``'s gain (bench/precision.py). Writes ``bench/results.json`` and
+plus ``--fast-decode``'s speed and deviation (bench/fast_decode.py), bf16's deviation and
+``torch.compile``'s gain (bench/precision.py), and the cost of LAION's watermark model, a second
+forward on its own input (bench/watermark_effnet.py). Writes ``bench/results.json`` and
 ``bench/results.md`` after every figure; exits 1 when a figure misses its target or fails.
 
-    python -m bench.run [--only cli,scoring,metadata,generation,fast_decode,precision,recurate,scaleout,dedup] [--quick]
+    python -m bench.run [--only cli,scoring,metadata,generation,fast_decode,precision,watermark,recurate,scaleout,dedup] [--quick]
     python -m bench.run --gpu     # the GPU plan (bench/gpu.py): skips, saying so, without CUDA
 
 ``--quick`` shrinks everything to check that the harness runs (its figures mean nothing).
@@ -46,7 +47,8 @@ SIZES = {
               "gen_direct": 2, "gen_steps": 2, "gen_size": 64, "scaleout_shards": 2, "fast_images": 64,
               "dedup_rows": 2_000, "dedup_dim": 32, "dedup_rate_rows": 4_000, "dedup_rate_dim": 64},
 }
-STEPS = ("cli", "scoring", "metadata", "generation", "fast_decode", "precision", "recurate", "scaleout", "dedup")
+STEPS = ("cli", "scoring", "metadata", "generation", "fast_decode", "precision", "watermark", "recurate", "scaleout",
+         "dedup")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,6 +169,17 @@ def main(argv: list[str] | None = None) -> int:
 
                 say("figure 7: recurate (new threshold + new head from the stored embeddings) vs curate")
                 attempt("recurate", lambda: recurate.run(images, heads, args.work, batch))
+            if "watermark" in steps:
+                from bench import watermark_effnet
+
+                say("extra: LAION's watermark model (a second forward at 256x256) vs a CLIP-head pwatermark")
+
+                def wm():
+                    results.doc["extras"]["watermark_effnet"] = watermark_effnet.run(
+                        images, heads, args.work, size["fast_images"], plan.torch_threads, batch)
+                    return {}
+
+                attempt("watermark", wm)
     if "scaleout" in steps:
         from bench import scaleout
 

@@ -9,25 +9,30 @@ same code serves the original ViT-L/14 heads (D=768) and tiny test models. The a
 - ``linear``: ``LinearHead``, an ``nn.Linear(D, 1)`` state dict (keys ``weight``, ``bias``), the layout
   of LAION's v1 aesthetic heads ``sa_0_4_vit_*_linear.pth``; raw output.
 - ``probability``: ``ProbabilityHead``, Linear layers with ReLU between, sigmoid output; the
-  watermark score, and what :func:`fit_probability_head` fits.
+  watermark score, and what ``shardsmith fit-head`` fits (``filters/fit.py``).
 - ``mlp``: ``MLPHead``, the same stack with raw output (a regression head; LAION's ReLU aesthetic
   variant ``ava+logos-l14-reluMSE.pth`` loads as is).
 - ``laion-aesthetic``: ``AestheticMLP``, the LAION improved aesthetic predictor
   (christophschuhmann/improved-aesthetic-predictor). Same layers and state-dict keys as the original
   ``sac+logos+ava1-l14-linearMSE.pth`` (``layers.0/2/4/6/7``), so that file loads as is.
 - ``laion-nsfw``: ``NsfwHead``, the architecture of LAION's CLIP-based NSFW detector
-  (``Normalization(mean, var) -> 64 ReLU -> 512 ReLU -> 256 ReLU -> 1 sigmoid``), 1 = unsafe.
+  (``Normalization(mean, var) -> 64 ReLU -> 512 ReLU -> 256 ReLU -> 1 sigmoid``), 1 = unsafe;
+  what ``shardsmith convert-predictor`` writes from LAION's Keras SavedModel.
+- ``laion-nsfw-torch``: ``NsfwTorchHead``, the same detector in its PyTorch port's keys.
+- ``laion-watermark-effnet``: ``WatermarkEffnet``, LAION-5B-WatermarkDetection's EfficientNet-B3
+  image classifier: not a head on the embedding but a model on its own 256x256 pixels, run in the
+  same scoring actor (the decode stage prepares its input from the same decoded image).
+
+``load_head_spec`` turns a :class:`~shardsmith.filters.scores.HeadSpec` (an arch and a weights file,
+or a named predictor) into a loaded module: the one way every job gets a head.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import numpy as np
 import torch
 from torch import nn
 
-from shardsmith.filters.scores import BUILTIN, HEAD_ARCHS
+from shardsmith.filters.scores import BUILTIN, HEAD_ARCHS, SQUASH_256, HeadSpec
 from shardsmith.filters.weights import WeightsError as HeadLoadError
 from shardsmith.filters.weights import read_state_dict
 
@@ -82,36 +87,120 @@ class AestheticMLP(nn.Module):
 
 
 class NsfwHead(nn.Module):
-    """LAION CLIP-based NSFW detector: keras-style Normalization then a 64-512-256-1 MLP."""
+    """LAION CLIP-based NSFW detector: keras-style Normalization then a Linear/ReLU stack ending in
+    one logit, sigmoid output (the L/14 detector: 64-512-256-1; the B/32 one: 32-32-1). Keys
+    ``norm_mean``, ``norm_var``, ``layers.0/2/4/...``; the sizes are read from the file."""
 
-    def __init__(self, input_size: int = 768, eps: float = 1e-7):
+    def __init__(self, input_size: int = 768, hidden: tuple[int, ...] = (64, 512, 256), eps: float = 1e-7):
         super().__init__()
         self.eps = eps
         self.register_buffer("norm_mean", torch.zeros(input_size))
         self.register_buffer("norm_var", torch.ones(input_size))
-        self.layers = nn.Sequential(
-            nn.Linear(input_size, 64),
-            nn.ReLU(),
-            nn.Linear(64, 512),
-            nn.ReLU(),
-            nn.Linear(512, 256),
-            nn.ReLU(),
-            nn.Linear(256, 1),
-        )
+        sizes = [input_size, *hidden, 1]
+        mods: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+            mods.append(nn.Linear(a, b))
+            if i < len(sizes) - 2:
+                mods.append(nn.ReLU())
+        self.layers = nn.Sequential(*mods)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        # keras.layers.Normalization: (x - mean) / maximum(sqrt(var), epsilon), epsilon 1e-7
+        return (x - self.norm_mean) / torch.clamp(torch.sqrt(self.norm_var), min=self.eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # keras.layers.Normalization: (x - mean) / maximum(sqrt(var), epsilon), epsilon 1e-7
-        x = (x - self.norm_mean) / torch.clamp(torch.sqrt(self.norm_var), min=self.eps)
-        return torch.sigmoid(self.layers(x)).squeeze(-1)
+        return torch.sigmoid(self.layers(self.normalize(x))).squeeze(-1)
 
     @classmethod
     def from_state_dict(cls, sd: dict[str, torch.Tensor]) -> "NsfwHead":
-        expected = {"norm_mean", "norm_var"} | {
-            f"layers.{i}.{p}" for i in (0, 2, 4, 6) for p in ("weight", "bias")
-        }
-        _check_keys(sd, expected, "punsafe (LAION CLIP-based NSFW detector)")
-        head = cls(input_size=sd["layers.0.weight"].shape[1])
+        what = "punsafe (LAION CLIP-based NSFW detector)"
+        n = len([k for k in sd if k.startswith("layers.") and k.endswith(".weight")])
+        if "layers.0.weight" not in sd or n < 1:
+            _check_keys(sd, {"norm_mean", "norm_var", "layers.0.weight", "layers.0.bias"}, what)
+        expected = {"norm_mean", "norm_var"} | {f"layers.{2 * i}.{p}" for i in range(n) for p in ("weight", "bias")}
+        _check_keys(sd, expected, what)
+        hidden = tuple(int(sd[f"layers.{2 * i}.weight"].shape[0]) for i in range(n - 1))
+        if sd[f"layers.{2 * (n - 1)}.weight"].shape[0] != 1:
+            raise HeadLoadError(f"{what}: the last layer has {sd[f'layers.{2 * (n - 1)}.weight'].shape[0]} outputs, "
+                                "expected 1")
+        head = cls(input_size=sd["layers.0.weight"].shape[1], hidden=hidden)
         head.load_state_dict(sd, strict=True)
+        return head
+
+
+class NsfwTorchHead(nn.Module):
+    """The PyTorch port of LAION's NSFW detector (NeMo Curator's ``clip_autokeras_binary_nsfw.pth``):
+    ``norm.mean``, ``norm.variance``, ``linear_1..linear_4``; ``(x - mean) / sqrt(variance)``, then
+    Linear/ReLU x3, Linear, sigmoid. Its keys load as they are."""
+
+    class Normalization(nn.Module):
+        def __init__(self, size: int):
+            super().__init__()
+            self.register_buffer("mean", torch.zeros(size))
+            self.register_buffer("variance", torch.ones(size))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return (x - self.mean) / self.variance.sqrt()
+
+    def __init__(self, sizes: list[int]):
+        super().__init__()
+        self.norm = self.Normalization(sizes[0])
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]), start=1):
+            setattr(self, f"linear_{i}", nn.Linear(a, b))
+        self.n = len(sizes) - 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(x)
+        for i in range(1, self.n):
+            x = torch.relu(getattr(self, f"linear_{i}")(x))
+        return torch.sigmoid(getattr(self, f"linear_{self.n}")(x)).squeeze(-1)
+
+    @classmethod
+    def from_state_dict(cls, sd: dict[str, torch.Tensor]) -> "NsfwTorchHead":
+        n = len([k for k in sd if k.startswith("linear_") and k.endswith(".weight")])
+        expected = {"norm.mean", "norm.variance"} | {f"linear_{i}.{p}" for i in range(1, n + 1)
+                                                     for p in ("weight", "bias")}
+        _check_keys(sd, expected if n else expected | {"linear_1.weight"}, "laion-nsfw-torch (NSFW detector, PyTorch port)")
+        sizes = [int(sd["linear_1.weight"].shape[1])] + [int(sd[f"linear_{i}.weight"].shape[0]) for i in range(1, n + 1)]
+        if sizes[-1] != 1:
+            raise HeadLoadError(f"linear_{n} has {sizes[-1]} outputs, expected 1")
+        head = cls(sizes)
+        head.load_state_dict({k: v.reshape(-1) if k.startswith("norm.") else v for k, v in sd.items()}, strict=True)
+        return head
+
+
+class WatermarkEffnet(nn.Module):
+    """LAION-5B-WatermarkDetection's watermark classifier: timm ``efficientnet_b3`` (``efficientnet_b3a``
+    is its deprecated alias) with ``num_classes=2`` and the classifier replaced by
+    Linear(1536, 625) -> ReLU -> Dropout(0.3) -> Linear(625, 256) -> ReLU -> Linear(256, 2). Reads
+    the image squashed to 256x256 (``filters.scores.SQUASH_256``), ImageNet-normalised; returns
+    softmax index 0 (= watermark), the ``pwatermark`` column of LAION-5B."""
+
+    pixel_input = SQUASH_256
+
+    def __init__(self):
+        super().__init__()
+        import timm
+
+        model = timm.create_model("efficientnet_b3", pretrained=False, num_classes=2)
+        model.classifier = nn.Sequential(nn.Linear(1536, 625), nn.ReLU(), nn.Dropout(p=0.3), nn.Linear(625, 256),
+                                         nn.ReLU(), nn.Linear(256, 2))
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.model(x).float(), dim=1)[:, 0]
+
+    @classmethod
+    def from_state_dict(cls, sd: dict[str, torch.Tensor]) -> "WatermarkEffnet":
+        head = cls()
+        expected = set(head.model.state_dict())
+        _check_keys(sd, expected, "laion-watermark-effnet (timm efficientnet_b3, LAION watermark classifier)")
+        shapes = [k for k, v in head.model.state_dict().items() if tuple(v.shape) != tuple(sd[k].shape)]
+        if shapes:
+            k = shapes[0]
+            raise HeadLoadError(f"{k} has shape {list(sd[k].shape)}, expected {list(head.model.state_dict()[k].shape)} "
+                                "(not an efficientnet_b3 state dict)")
+        head.model.load_state_dict(sd, strict=True)
         return head
 
 
@@ -169,7 +258,8 @@ class ProbabilityHead(MLPHead):
 
 # The architectures of filters.scores.HEAD_ARCHS (a test checks both tables name the same ones).
 ARCH_CLASSES = {"linear": LinearHead, "probability": ProbabilityHead, "mlp": MLPHead,
-                "laion-aesthetic": AestheticMLP, "laion-nsfw": NsfwHead}
+                "laion-aesthetic": AestheticMLP, "laion-nsfw": NsfwHead, "laion-nsfw-torch": NsfwTorchHead,
+                "laion-watermark-effnet": WatermarkEffnet}
 
 
 def _check_keys(sd: dict, expected: set[str], what: str) -> None:
@@ -182,7 +272,28 @@ def _check_keys(sd: dict, expected: set[str], what: str) -> None:
         )
 
 
-def input_dim(head: nn.Module) -> int:
+def guess_arch(sd: dict) -> str | None:
+    """The architecture whose key layout a state dict has, for error messages."""
+    keys = set(sd)
+    if keys == {"weight", "bias"}:
+        return "linear"
+    if "norm_mean" in keys:
+        return "laion-nsfw"
+    if "norm.mean" in keys:
+        return "laion-nsfw-torch"
+    if "conv_stem.weight" in keys:
+        return "laion-watermark-effnet"
+    if {f"layers.{i}.weight" for i in (0, 2, 4, 6, 7)} <= keys:
+        return "laion-aesthetic"
+    if "layers.0.weight" in keys:
+        return "mlp or probability"
+    return None
+
+
+def input_dim(head: nn.Module) -> int | None:
+    """The embedding width a head reads (None for a model that reads pixels)."""
+    if getattr(head, "pixel_input", None) is not None:
+        return None
     return next(iter(head.parameters())).shape[1]
 
 
@@ -196,37 +307,81 @@ def load_head(name: str, path: str, embed_dim: int | None = None, arch: str | No
     try:
         head = ARCH_CLASSES[arch].from_state_dict(sd)
     except HeadLoadError as e:
-        raise HeadLoadError(f"{path}: {e}") from e
+        guess = guess_arch(sd)
+        hint = f" (its keys are those of arch {guess})" if guess and guess != arch else ""
+        raise HeadLoadError(f"{path}: {e}{hint}") from e
     in_dim = input_dim(head)
-    if embed_dim is not None and in_dim != embed_dim:
+    if embed_dim is not None and in_dim is not None and in_dim != embed_dim:
         raise HeadLoadError(
             f"{path}: the {name} head expects {in_dim}-d embeddings but the CLIP model gives "
             f"{embed_dim}-d (the LAION heads need ViT-L-14-quickgelu/openai, 768-d)"
         )
     return head.eval()
-@dataclass
-class FitResult:
-    head: ProbabilityHead
-    train_accuracy: float
+def head_card(weights: str) -> dict | None:
+    """The card ``shardsmith fit-head`` writes beside a head (``WEIGHTS.json``), or None."""
+    import json
+
+    import fsspec
+
+    try:
+        with fsspec.open(weights + ".json", "rt") as f:
+            card = json.load(f)
+    except FileNotFoundError:
+        return None
+    except Exception as e:
+        raise HeadLoadError(f"{weights}.json: the head's card is not readable JSON: {type(e).__name__}: {e}") from e
+    return card if isinstance(card, dict) and card.get("kind") == "shardsmith-head" else None
 
 
-def fit_probability_head(
-    embeddings: np.ndarray, labels: np.ndarray, hidden: int = 0, epochs: int = 300, seed: int = 0
-) -> FitResult:
-    """Fit a watermark-style probability head on labelled (already normalised) embeddings."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.as_tensor(embeddings, dtype=torch.float32)
-    y = torch.as_tensor(labels, dtype=torch.float32)
-    sizes = [x.shape[1], hidden, 1] if hidden else [x.shape[1], 1]
-    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
-    head = ProbabilityHead(sizes)
-    opt = torch.optim.Adam(head.parameters(), lr=0.05)
-    for _ in range(epochs):
-        opt.zero_grad()
-        logits = head.layers(x).squeeze(-1)
-        loss = nn.functional.binary_cross_entropy_with_logits(logits, y)
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        acc = float(((head(x) > 0.5).float() == y).float().mean())
-    return FitResult(head.eval(), acc)
+def check_card(name: str, weights: str, clip_model: str | None, clip_pretrained: str | None) -> None:
+    """A head fitted by ``fit-head`` reads the embeddings of the CLIP model its card names: a run
+    with another CLIP model is refused (dimensions may agree, the scores would not)."""
+    from shardsmith.filters.predictors import clip_name
+
+    card = head_card(weights)
+    if card is None or clip_model is None or not card.get("clip"):
+        return
+    ours = clip_name(clip_model, clip_pretrained)
+    if card["clip"] != ours:
+        raise HeadLoadError(f"{weights} was fitted on {card['clip']} embeddings (its card "
+                            f"{weights}.json) but this run's CLIP is {ours}; refit it with this CLIP model "
+                            "(shardsmith fit-head) or run with that one")
+
+
+def pin_heads(heads: dict[str, HeadSpec], log=None) -> dict[str, HeadSpec]:
+    """The heads with every named predictor fetched (once, into this machine's cache), verified
+    and pinned: its sha256 and size are what was verified, and ``weights`` the cached file (a hint
+    the other processes of this machine use). Done by the driver before any work, so that the run
+    records each predictor's hash and the actors require that same file."""
+    from shardsmith.filters.predictors import resolve
+
+    out = {}
+    for name, spec in heads.items():
+        p = spec.predictor
+        if p is None:
+            out[name] = spec
+            continue
+        r = resolve(p, hint=spec.weights or None)
+        if log and r.downloaded:
+            log(f"predictor {p.name}: fetched {p.url} ({r.predictor.size} bytes, sha256 {r.predictor.sha256})")
+        if log and p.sha256 is None:
+            log(f"predictor {p.name}: no sha256 pinned; using the file with sha256 {r.predictor.sha256} (recorded in "
+                f"the manifest; pin it with --predictor-sha256 {p.name}={r.predictor.sha256})")
+        out[name] = HeadSpec(spec.arch, r.source, r.predictor)
+    return out
+
+
+def load_head_spec(name: str, spec: HeadSpec, embed_dim: int | None = None, clip_model: str | None = None,
+                   clip_pretrained: str | None = None) -> nn.Module:
+    """The head module of ``spec``: an arch and a weights file (a fit-head card beside it is
+    checked against the CLIP model given), or a named predictor (fetched, verified and converted
+    as needed: ``filters/predictors.py``). The one way curate, recurate and the benchmarks get a
+    head from a HeadSpec."""
+    if spec.predictor is not None:
+        from shardsmith.filters.predictors import resolve
+
+        path = resolve(spec.predictor, hint=spec.weights or None).path
+    else:
+        path = spec.weights
+        check_card(name, path, clip_model, clip_pretrained)
+    return load_head(name, path, embed_dim=embed_dim, arch=spec.arch)

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from shardsmith.filters.clip import ClipEmbedder, ClipSpec
-from shardsmith.filters.heads import load_head
-from shardsmith.filters.scores import EMBEDDING_AND_CAPTION, HeadSpec, ScoreSet
+from shardsmith.filters.heads import load_head_spec
+from shardsmith.filters.scores import EMBEDDING_AND_CAPTION, HEAD_ARCHS, HeadSpec, PixelInput, ScoreSet
 from shardsmith.filters.weights import WeightsError
 
 
@@ -37,6 +37,16 @@ class ScorerSpec:
         done = set(self.computed())
         return [n for n in self.scores.names if n not in done]
 
+    def pixel_inputs(self) -> dict[str, PixelInput]:
+        """The pixel columns the decode stage must add (by column name): one per input of a model
+        that reads pixels (e.g. LAION's watermark classifier); none in most runs."""
+        out = {}
+        for h in self.heads.values():
+            pi = HEAD_ARCHS[h.arch].pixel_input if h.arch in HEAD_ARCHS else None
+            if pi is not None:
+                out[pi.column] = pi
+        return out
+
 
 def pick_device(requested: str = "auto") -> str:
     if requested == "auto":
@@ -51,13 +61,19 @@ class Scorer:
         self.spec = spec
         self.device = pick_device(device)
         self.embedder = ClipEmbedder(spec.clip, device=self.device, precision=spec.precision, compile=spec.compile)
-        self.heads = {}
+        self.heads = {}  # on the embedding
+        self.pixel_heads = {}  # on pixels of their own: name -> (column, module)
         for name, head in spec.heads.items():
             try:
-                module = load_head(name, head.weights, embed_dim=self.embedder.embed_dim, arch=head.arch)
+                module = load_head_spec(name, head, embed_dim=self.embedder.embed_dim, clip_model=spec.clip.model,
+                                        clip_pretrained=spec.clip.pretrained)
             except WeightsError as e:
                 raise WeightsError(f"head {name!r} ({head.arch}): {e}") from e
-            self.heads[name] = module.to(self.device)
+            pi = getattr(module, "pixel_input", None)
+            if pi is not None:
+                self.pixel_heads[name] = (pi, module.to(self.device))
+            else:
+                self.heads[name] = module.to(self.device)
 
     @property
     def pixel_transform(self):
@@ -65,35 +81,51 @@ class Scorer:
 
     @torch.inference_mode()
     def score(self, pixels: np.ndarray, captions: list[str] | None = None,
-              fixed_batch: int | None = None) -> dict[str, np.ndarray]:
-        """pixels: uint8 (N, H, W, 3) from ``pixel_transform``. Returns float32 arrays of length
-        N for every computed score, plus ``embedding`` (N, D) float32, L2-normalised.
+              fixed_batch: int | None = None, inputs: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """pixels: uint8 (N, H, W, 3) from ``pixel_transform``; ``inputs``: the pixel columns of the
+        models that read pixels of their own (``spec.pixel_inputs()``, from the same images).
+        Returns float32 arrays of length N for every computed score, plus ``embedding`` (N, D)
+        float32, L2-normalised.
 
         With ``fixed_batch`` every forward has exactly that many rows (the last chunk padded): a
         sample's scores then do not depend on which other samples share its batch, which makes a
         resumed or re-batched run bit-identical to an uninterrupted one (CPU GEMMs give slightly
         different results for different batch sizes)."""
         n = len(pixels)
+        inputs = inputs or {}
+        missing = [pi.column for pi, _ in self.pixel_heads.values() if pi.column not in inputs]
+        if missing:
+            raise ValueError(f"score(): the pixel input(s) {missing} of {list(self.pixel_heads)} are missing")
         if fixed_batch is None or n == 0:
-            return self._score(pixels, captions)
+            return self._score(pixels, captions, inputs)
+
+        def pad_to(a: np.ndarray, pad: int) -> np.ndarray:
+            return np.concatenate([a, np.zeros((pad, *a.shape[1:]), dtype=a.dtype)]) if pad else a
+
         parts = []
         for start in range(0, n, fixed_batch):
             px = pixels[start:start + fixed_batch]
             caps = captions[start:start + fixed_batch] if captions is not None else None
             pad = fixed_batch - len(px)
-            if pad:
-                px = np.concatenate([px, np.zeros((pad, *px.shape[1:]), dtype=px.dtype)])
-                caps = list(caps) + [""] * pad if caps is not None else None
-            out = self._score(px, caps)
+            extra = {k: pad_to(v[start:start + fixed_batch], pad) for k, v in inputs.items()}
+            px = pad_to(px, pad)
+            if pad and caps is not None:
+                caps = list(caps) + [""] * pad
+            out = self._score(px, caps, extra)
             parts.append({k: v[:fixed_batch - pad] for k, v in out.items()})
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
-    def _score(self, pixels: np.ndarray, captions: list[str] | None) -> dict[str, np.ndarray]:
+    def _score(self, pixels: np.ndarray, captions: list[str] | None, inputs: dict[str, np.ndarray]
+               ) -> dict[str, np.ndarray]:
+        from shardsmith.filters.pixels import to_tensor
+
         emb = self.embedder.embed_pixels(pixels)
         out: dict[str, np.ndarray] = {"embedding": emb}
         x = torch.from_numpy(emb).to(self.device)
         for name, head in self.heads.items():
             out[name] = head(x).float().cpu().numpy()
+        for name, (pi, model) in self.pixel_heads.items():  # a second forward, on its own input
+            out[name] = model(to_tensor(inputs[pi.column], pi).to(self.device)).float().cpu().numpy()
         if self.spec.similarity and captions is not None:
             txt = self.embedder.embed_texts([c or "" for c in captions])
             out["similarity"] = np.einsum("nd,nd->n", emb, txt).astype(np.float32)

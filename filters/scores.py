@@ -33,12 +33,35 @@ UNBOUNDED = (-INF, INF)
 
 
 @dataclass(frozen=True)
+class PixelInput:
+    """The image input of a model that reads pixels (not the CLIP embedding): decoded once with the
+    CLIP input, from the same image, and resized to ``size`` (height, width) as torchvision's
+    ``Resize(size)`` does (a squash, not a crop); the model normalises with ``mean``/``std``.
+    The decode stage writes it as the uint8 column ``pixels_NAME`` (``stages/batch.py``)."""
+
+    name: str
+    size: tuple[int, int]
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # ImageNet
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    @property
+    def column(self) -> str:
+        return f"pixels_{self.name}"
+
+
+SQUASH_256 = PixelInput("squash256", (256, 256))
+
+
+@dataclass(frozen=True)
 class HeadArch:
-    """A head architecture: what its weights file holds and the range of its output."""
+    """A head architecture: what its weights file holds, the range of its output, and what it reads
+    (the CLIP embedding, or pixels of its own ``pixel_input``)."""
 
     name: str
     output: tuple[float, float]
     weights: str  # the state dict layout, for messages and the README
+    consumes: str = EMBEDDING
+    pixel_input: PixelInput | None = None
 
 
 # The head architectures (filters/heads.py implements each; a test checks the two tables agree).
@@ -52,7 +75,14 @@ HEAD_ARCHS: dict[str, HeadArch] = {a.name: a for a in (
     HeadArch("laion-aesthetic", UNBOUNDED, "the LAION improved aesthetic predictor's state dict "
              "(layers.0/2/4/6/7, no activations; sac+logos+ava1-l14-linearMSE.pth loads as is)"),
     HeadArch("laion-nsfw", PROBABILITY, "LAION's CLIP-based NSFW detector: norm_mean, norm_var, "
-             "layers.0/2/4/6 (64 -> 512 -> 256 -> 1, ReLU, sigmoid)"),
+             "layers.0/2/4/6 (64 -> 512 -> 256 -> 1, ReLU, sigmoid; sizes read from the file, so the B/32 "
+             "detector's 32 -> 32 -> 1 loads too); what `shardsmith convert-predictor` writes from the Keras model"),
+    HeadArch("laion-nsfw-torch", PROBABILITY, "the PyTorch port of LAION's NSFW detector (NeMo Curator's "
+             "clip_autokeras_binary_nsfw.pth): norm.mean, norm.variance, linear_1..linear_4"),
+    HeadArch("laion-watermark-effnet", PROBABILITY, "LAION-5B-WatermarkDetection's watermark_model_v1.pt: a timm "
+             "efficientnet_b3 state dict, classifier Linear(1536, 625) -> ReLU -> Dropout -> Linear(625, 256) -> "
+             "ReLU -> Linear(256, 2); reads the image squashed to 256x256, softmax index 0 = watermark",
+             consumes=PIXELS, pixel_input=SQUASH_256),
 )}
 
 
@@ -100,12 +130,15 @@ def _json_float(v: float):
 BUILTIN: dict[str, Score] = {s.name: s for s in (
     Score("aesthetic", "aesthetic score", "aes", EMBEDDING, UNBOUNDED, arch="laion-aesthetic",
           option="aesthetic_head", laion=("aesthetic_score", "aesthetic"), builtin=True,
-          about="LAION improved aesthetic predictor weights (e.g. sac+logos+ava1-l14-linearMSE.pth)"),
+          about="LAION improved aesthetic predictor weights (a file such as sac+logos+ava1-l14-linearMSE.pth, or a "
+                "predictor: laion-aesthetic-v2)"),
     Score("pwatermark", "watermark probability", "wm", EMBEDDING, PROBABILITY, arch="probability",
-          option="watermark_head", laion=("pwatermark",), builtin=True, about="watermark probability head weights"),
+          option="watermark_head", laion=("pwatermark",), builtin=True,
+          about="watermark probability head weights (e.g. one made by shardsmith fit-head), or the predictor "
+                "laion-watermark-effnet (LAION's own image classifier)"),
     Score("punsafe", "NSFW probability", "nsfw", EMBEDDING, PROBABILITY, arch="laion-nsfw",
           option="nsfw_head", laion=("punsafe",), builtin=True,
-          about="NSFW head weights (LAION CLIP-based detector architecture)"),
+          about="NSFW head weights (LAION CLIP-based detector architecture), or a predictor: laion-nsfw-l14"),
     Score("similarity", "image-caption similarity", "sim", EMBEDDING_AND_CAPTION, (-1.0, 1.0),
           laion=("similarity",), builtin=True),
 )}
@@ -121,13 +154,23 @@ _NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 
 @dataclass(frozen=True)
 class HeadSpec:
-    """How one head's weights are given: an architecture and a weights file (local or fsspec)."""
+    """How one head's weights are given: an architecture and a weights file (local or fsspec), or a
+    named predictor (``filters/predictors.py``: a pinned URL, fetched once into the cache and
+    verified). For a predictor ``weights`` is where it was found on the machine that resolved it
+    (a hint other processes of that machine use, never recorded)."""
 
     arch: str
     weights: str
+    predictor: "object | None" = None  # a filters.predictors.Predictor
 
     def to_dict(self) -> dict:
+        if self.predictor is not None:
+            return {"arch": self.arch, "predictor": self.predictor.to_dict()}
         return {"arch": self.arch, "weights": self.weights}
+
+    @property
+    def consumes(self) -> str:
+        return HEAD_ARCHS[self.arch].consumes if self.arch in HEAD_ARCHS else EMBEDDING
 
 
 def declared_score(name: str, arch: str, label: str | None = None) -> Score:
@@ -136,7 +179,7 @@ def declared_score(name: str, arch: str, label: str | None = None) -> Score:
     takes the declared architecture, if that architecture's output fits the score's range."""
     if arch not in HEAD_ARCHS:
         raise ConfigError(f"head {name!r}: unknown arch {arch!r}; known: {', '.join(HEAD_ARCHS)}")
-    out = HEAD_ARCHS[arch].output
+    out, consumes = HEAD_ARCHS[arch].output, HEAD_ARCHS[arch].consumes
     if name in BUILTIN:
         b = BUILTIN[name]
         if not b.arch:
@@ -144,12 +187,12 @@ def declared_score(name: str, arch: str, label: str | None = None) -> Score:
         if not (b.range[0] <= out[0] and out[1] <= b.range[1]):
             raise ConfigError(f"head {name!r}: arch {arch} gives values in [{out[0]:g}, {out[1]:g}], outside the "
                               f"range of {name} [{b.range[0]:g}, {b.range[1]:g}]")
-        return Score(b.name, label or b.label, b.short, b.consumes, b.range, arch, b.option, b.laion, True, b.about)
+        return Score(b.name, label or b.label, b.short, consumes, b.range, arch, b.option, b.laion, True, b.about)
     if not _NAME.match(name) or name in RESERVED:
         why = "is a column or field name of its own" if name in RESERVED else \
             "must be lower case letters, digits and '_', starting with a letter"
         raise ConfigError(f"head {name!r}: the name {why}")
-    return Score(name, label or name, name[:8], EMBEDDING, out, arch)
+    return Score(name, label or name, name[:8], consumes, out, arch)
 
 
 class ScoreSet:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-__all__ = ["curate", "download", "generate", "augment", "recurate", "report"]
+__all__ = ["curate", "download", "generate", "augment", "recurate", "report", "fit_head"]
 
 
 def _config(cls, config, options: dict, **fixed):
@@ -92,3 +92,13 @@ def report(output: str, per_grid: int = 16) -> str:
     from shardsmith.pipelines.report import build_report
 
     return build_report(output, per_grid=per_grid)
+
+
+def fit_head(output: str | None = None, run: str | None = None, labels: str | None = None, config=None,
+             log: Callable = print, **options) -> dict:
+    """Fit a CLIP-based head on labelled embeddings (``shardsmith fit-head``); options are
+    FitHeadConfig keys (``images=...`` embeds labelled images on the fly). Returns the head's card."""
+    from shardsmith.pipelines.config.fit_head import FitHeadConfig
+    from shardsmith.pipelines.flows.fit_head import run_fit_head
+
+    return run_fit_head(_config(FitHeadConfig, config, options, output=output, run=run, labels=labels), log=log)

@@ -34,6 +34,14 @@ COMMANDS = {
     "submit": ("shardsmith.jobs.submit",
                "run a job on a Ray cluster through Ray's job API; stream its logs, exit with its status"),
     "jobs": ("shardsmith.jobs.submit:jobs_command", "list, inspect, follow or stop jobs on a Ray cluster"),
+    "predictors": ("shardsmith.jobs.predictors",
+                   "list, fetch and verify named predictors (LAION's heads by name: laion-aesthetic-v2, ...)"),
+    "fit-head": ("shardsmith.jobs.fit_head",
+                 "fit a CLIP-based head (probability/mlp) on labelled embeddings, with k-fold held-out metrics"),
+    "make-watermark-data": ("shardsmith.jobs.make_watermark_data",
+                            "synthetic watermarked positives + clean negatives as labelled shards, for fit-head"),
+    "convert-predictor": ("shardsmith.jobs.convert_predictor",
+                          "LAION's Keras NSFW detector -> a laion-nsfw safetensors head (no TensorFlow)"),
 }
 
 

@@ -49,10 +49,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                         "(default ViT-L-14-quickgelu, which the LAION heads need)")
     p.add_argument("--clip-pretrained", help="pretrained tag (default openai) or a local/fsspec checkpoint path")
     for s in BUILTIN_HEADS:
-        p.add_argument(s.flag, metavar="PATH", help=f"{s.about}: the {s.name} column")
+        p.add_argument(s.flag, metavar="PATH|PREDICTOR", help=f"{s.about}: the {s.name} column")
     p.add_argument("--head", action="append", default=None, metavar="NAME=ARCH:PATH",
                    help="one more score column NAME from a head on the CLIP embedding (repeatable), e.g. "
-                        f"pcartoon=linear:s3://models/cartoon.pth; ARCH: {', '.join(HEAD_ARCHS)}")
+                        f"pcartoon=linear:s3://models/cartoon.pth, or NAME=PREDICTOR; ARCH: {', '.join(HEAD_ARCHS)}")
+    p.add_argument("--predictor-sha256", action="append", default=None, metavar="NAME=HEX",
+                   help="pin (or re-pin) predictor NAME to this sha256 (repeatable); `shardsmith predictors list` "
+                        "shows the built-in ones and their pins")
     p.add_argument("--no-similarity", action="store_true", help="do not compute image-caption similarity")
     p.add_argument("--preset", choices=sorted(PRESETS), help="rule preset (default laion-aesthetics-5plus)")
     p.add_argument("--rule", action="append", default=None, metavar="RULE",
@@ -112,7 +115,13 @@ def add_fetch_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace, validate: bool = True):
     """The CurateConfig of these arguments: the --config file's keys, then the flags given."""
-    from shardsmith.pipelines.config import CurateConfig, config_from_dict, load_config_file, parse_head_flag
+    from shardsmith.pipelines.config import (
+        CurateConfig,
+        config_from_dict,
+        load_config_file,
+        parse_head_flag,
+        pin_predictor_flag,
+    )
 
     cfg = CurateConfig()
     if args.config:
@@ -127,6 +136,8 @@ def config_from_args(args: argparse.Namespace, validate: bool = True):
     for text in args.head or []:
         name, head = parse_head_flag(text)
         cfg.heads = {**cfg.heads, name: head}
+    for text in getattr(args, "predictor_sha256", None) or []:
+        cfg.predictors = pin_predictor_flag(cfg.predictors, text)
     if args.no_similarity:
         cfg.similarity = False
     if args.embeddings:

@@ -7,7 +7,7 @@ Writes
   format (a state dict with ``layers.0/2/4/6/7``), random, its output scaled to mean 5, sd 1 on
   synthetic images;
 - ``DIR/heads/watermark.pth``: a watermark probability head *fit* on the tiny CLIP's embeddings
-  of synthetic images with and without tiled text watermarks (``filters.heads.fit_probability_head``);
+  of synthetic images with and without tiled text watermarks (``filters.fit.fit_probability_head``);
 - ``DIR/heads/nsfw.safetensors``: the LAION NSFW detector architecture, random, biased low;
 - ``DIR/sd-tiny/``: a tiny Stable Diffusion pipeline directory for diffusers (a 1 M-parameter
   UNet, a 4-level VAE with 8x downsampling, a 2-layer CLIP text encoder, DDIM), its CLIP tokenizer
@@ -163,7 +163,8 @@ def make_tiny_models(out: str, seed: int = 0) -> dict:
     import torch
 
     from shardsmith.filters.clip import ClipEmbedder, ClipSpec
-    from shardsmith.filters.heads import AestheticMLP, NsfwHead, fit_probability_head
+    from shardsmith.filters.fit import fit_probability_head
+    from shardsmith.filters.heads import AestheticMLP, NsfwHead
 
     cfg_path, weights = write_tiny_clip(os.path.join(out, "clip"), seed=seed)
     embedder = ClipEmbedder(ClipSpec(cfg_path, weights), device="cpu")

@@ -29,7 +29,7 @@ if _os.path.isfile(_os.path.join(_checkout, "pyproject.toml")) and _os.path.isfi
         _os.path.join(_checkout, "pipelines", "__init__.py")):
     __path__.append(_checkout)  # a source checkout: jobs/, pipelines/, ... are shardsmith.jobs, ...
 
-JOBS = ["curate", "download", "generate", "augment", "recurate", "report"]  # + "dedup" when it lands
+JOBS = ["curate", "download", "generate", "augment", "recurate", "report", "fit_head"]  # + "dedup" when it lands
 ERRORS = ["ShardsmithError", "ConfigError", "InputError", "RunError"]
 __all__ = [*JOBS, *ERRORS, "__version__"]
 

@@ -60,6 +60,19 @@ CASES = {
     "inspect: no such file": (["inspect", "{d}/none.parquet"], "no such file or folder"),
     "sample-data: a file as DIR": (["sample-data", "{d}/a-file"], "cannot write the sample dataset"),
     "submit: no job": (["submit", "--address", "http://127.0.0.1:9"], "no job given"),
+    "curate: unknown predictor": (["curate", "{d}/none", "{d}/out", "--head", "pcartoon=no-such-predictor"],
+                                  "heads.pcartoon: unknown predictor 'no-such-predictor'"),
+    "curate: bad predictor pin": (["curate", "{d}/none", "{d}/out", "--predictor-sha256", "laion-aesthetic-v2=abc"],
+                                  "expected NAME=HEX (64 hex digits)"),
+    "predictors: unknown name": (["predictors", "fetch", "no-such"], "unknown predictor 'no-such'"),
+    "convert-predictor: missing file": (["convert-predictor", "{d}/none.zip", "{d}/out.safetensors"],
+                                        "none.zip: file not found"),
+    "convert-predictor: not a zip": (["convert-predictor", "{d}/a-file", "{d}/out.safetensors"],
+                                     "neither a zip nor a SavedModel folder"),
+    "fit-head: missing labels": (["fit-head", "{d}/run", "{d}/none.parquet", "{d}/head.safetensors"],
+                                 "none.parquet: file not found"),
+    "fit-head: bad task": (["fit-head", "--images", "{d}", "{d}/h", "--folds", "1"], "--folds: must be in [2, 100]"),
+    "make-watermark-data: no input": (["make-watermark-data", "{d}/none", "{d}/out"], "none: no such file or folder"),
 }
 
 

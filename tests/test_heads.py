@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from shardsmith.filters.heads import AestheticMLP, ProbabilityHead, fit_probability_head, load_head
+from shardsmith.filters.fit import fit_probability_head
+from shardsmith.filters.heads import AestheticMLP, NsfwHead, ProbabilityHead, load_head
 from shardsmith.filters.weights import WeightsError
 
 
@@ -105,3 +106,56 @@ def test_fit_probability_head_separates_labelled_embeddings():
     again = ProbabilityHead.from_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=True))
     x = torch.randn(4, 16)
     torch.testing.assert_close(again(x), fit.head(x))
+
+
+class NemoNSFWModel(nn.Module):
+    """Written as NeMo Curator's PyTorch port of LAION's NSFW detector (NSFWModel)."""
+
+    class Normalization(nn.Module):
+        def __init__(self, shape):
+            super().__init__()
+            self.register_buffer("mean", torch.zeros(shape))
+            self.register_buffer("variance", torch.ones(shape))
+
+        def forward(self, x):
+            return (x - self.mean) / self.variance.sqrt()
+
+    def __init__(self, d=768):
+        super().__init__()
+        self.norm = self.Normalization([d])
+        self.linear_1, self.linear_2 = nn.Linear(d, 64), nn.Linear(64, 512)
+        self.linear_3, self.linear_4 = nn.Linear(512, 256), nn.Linear(256, 1)
+
+    def forward(self, x):
+        x = self.norm(x)
+        x = torch.relu(self.linear_1(x))
+        x = torch.relu(self.linear_2(x))
+        x = torch.relu(self.linear_3(x))
+        return torch.sigmoid(self.linear_4(x))
+
+
+def test_nsfw_pytorch_port_loads_as_is_and_matches_reference(tmp_path):
+    torch.manual_seed(5)
+    ref = NemoNSFWModel(48).eval()
+    with torch.no_grad():
+        ref.norm.mean.uniform_(-0.05, 0.05)
+        ref.norm.variance.uniform_(5e-4, 2e-3)
+        ref.linear_4.bias.fill_(0.5)
+    path = tmp_path / "clip_autokeras_binary_nsfw.pth"
+    torch.save(ref.state_dict(), path)
+    head = load_head("punsafe", str(path), embed_dim=48, arch="laion-nsfw-torch")
+    x = torch.nn.functional.normalize(torch.randn(16, 48), dim=-1)
+    with torch.no_grad():
+        expected, got = ref(x).squeeze(-1), head(x)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    assert float(got.std()) > 1e-3
+    with pytest.raises(WeightsError, match="laion-nsfw-torch"):
+        load_head("punsafe", str(path), arch="laion-nsfw")  # the other layout's keys are named
+
+
+def test_nsfw_head_reads_its_sizes_from_the_file(tmp_path):
+    head = NsfwHead(20, hidden=(32, 32)).eval()  # the B/32 detector's shape
+    path = tmp_path / "b32.pth"
+    torch.save(head.state_dict(), path)
+    loaded = load_head("punsafe", str(path), embed_dim=20)
+    assert [m.out_features for m in loaded.layers if isinstance(m, nn.Linear)] == [32, 32, 1]

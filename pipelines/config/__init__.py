@@ -2,7 +2,7 @@
 
 from shardsmith.errors import ConfigError
 from shardsmith.pipelines.config.base import from_dict, load_config_file, to_dict
-from shardsmith.pipelines.config.curate import CurateConfig, config_from_dict, parse_head_flag
+from shardsmith.pipelines.config.curate import CurateConfig, config_from_dict, parse_head_flag, pin_predictor_flag
 
 __all__ = ["ConfigError", "CurateConfig", "config_from_dict", "from_dict", "load_config_file", "parse_head_flag",
-           "to_dict"]
+           "pin_predictor_flag", "to_dict"]

@@ -3,6 +3,9 @@
 The heads: the built-in scores take their weights from ``aesthetic_head``, ``watermark_head`` and
 ``nsfw_head`` (``--aesthetic-head`` ...); any number of others are declared under ``heads``
 (``--head NAME=ARCH:PATH``), each becoming a score column rules can use (``filters/scores.py``).
+Any of them may name a predictor instead of a file (``--aesthetic-head laion-aesthetic-v2``,
+``heads: {punsafe: {predictor: laion-nsfw-l14}}``): a built-in one or one declared under
+``predictors`` (``filters/predictors.py``), fetched once, verified and cached.
 """
 
 from __future__ import annotations
@@ -11,12 +14,13 @@ from dataclasses import dataclass, field
 
 from shardsmith.errors import ConfigError
 from shardsmith.filters.clip import DEFAULT_MODEL, DEFAULT_PRETRAINED
+from shardsmith.filters.predictors import Predictor, predictor_table
 from shardsmith.filters.presets import preset_rules
 from shardsmith.filters.rules import RuleError, RuleSet
 from shardsmith.filters.scores import BUILTIN, BUILTIN_HEADS, HeadSpec, ScoreSet, declared_score
 from shardsmith.pipelines.formats.fetch import OPT_OUT_DIRECTIVES, RETRYABLE_KINDS
 
-HEAD_KEYS = ("arch", "weights", "label")  # of an entry under ``heads``
+HEAD_KEYS = ("arch", "weights", "predictor", "label")  # of an entry under ``heads``
 
 
 @dataclass
@@ -29,7 +33,8 @@ class CurateConfig:
     aesthetic_head: str | None = None
     watermark_head: str | None = None
     nsfw_head: str | None = None
-    heads: dict[str, dict] = field(default_factory=dict)  # NAME -> {arch, weights[, label]}: more score columns
+    heads: dict[str, dict] = field(default_factory=dict)  # NAME -> {arch, weights | predictor[, label]}: more columns
+    predictors: dict[str, dict] = field(default_factory=dict)  # NAME -> {url, sha256, format[, size, clip]}
     similarity: bool = True
     preset: str | None = "laion-aesthetics-5plus"
     rules: list[str] = field(default_factory=list)  # added after the preset's rules
@@ -77,34 +82,64 @@ class CurateConfig:
         except RuleError as e:
             raise ConfigError(f"rules: {e}") from e
 
+    def predictor_table(self) -> dict[str, Predictor]:
+        """The built-in predictors and the config's own (``predictors:``, ``--predictor-sha256``)."""
+        return predictor_table(self.predictors)
+
     def head_specs(self) -> dict[str, HeadSpec]:
-        """Every head with weights: the built-ins' (from their own keys), then the declared ones."""
+        """Every head with weights: the built-ins' (from their own keys), then the declared ones;
+        a value naming a predictor becomes that predictor (its architecture from its format)."""
+        table = self.predictor_table()
         out = {}
         for s in BUILTIN_HEADS:
-            if getattr(self, s.option):
-                out[s.name] = HeadSpec(s.arch, getattr(self, s.option))
+            value = getattr(self, s.option)
+            if value:
+                p = table.get(value)
+                out[s.name] = HeadSpec(p.arch, "", p) if p else HeadSpec(s.arch, value)
         for name, h in self.heads.items():
-            out[name] = HeadSpec(h["arch"], h["weights"])
+            if h.get("predictor"):
+                p = table[h["predictor"]]
+                out[name] = HeadSpec(p.arch, "", p)
+            else:
+                out[name] = HeadSpec(h["arch"], h["weights"])
         return out
 
     def score_set(self) -> ScoreSet:
-        """The run's score columns: the built-ins, then the declared heads."""
-        return ScoreSet.for_run([declared_score(n, h["arch"], h.get("label")) for n, h in self.heads.items()])
+        """The run's score columns: the built-ins, then the declared heads (each with the range and
+        input of its architecture: a predictor that reads pixels makes a pixel score)."""
+        labels = {n: h.get("label") for n, h in self.heads.items()}
+        specs = self.head_specs()
+        return ScoreSet.for_run([declared_score(n, spec.arch, labels.get(n)) for n, spec in specs.items()])
 
     def check_heads(self) -> None:
+        table = self.predictor_table()
+        for s in BUILTIN_HEADS:
+            value = getattr(self, s.option)
+            if value and value in table:
+                declared_score(s.name, table[value].arch)  # the predictor's output must fit the column
         for name, h in self.heads.items():
             if not isinstance(h, dict):
-                raise ConfigError(f"heads.{name}: expected a mapping with arch and weights, got {h!r}")
+                raise ConfigError(f"heads.{name}: expected a mapping with arch and weights (or predictor), got {h!r}")
             unknown = sorted(set(h) - set(HEAD_KEYS))
             if unknown:
                 raise ConfigError(f"heads.{name}: unknown key {unknown[0]!r}; known: {', '.join(HEAD_KEYS)}")
-            for key in ("arch", "weights"):
-                if not isinstance(h.get(key), str) or not h[key]:
-                    raise ConfigError(f"heads.{name}: {key} is required (e.g. {{arch: linear, weights: head.pth}})")
+            if "predictor" in h:
+                if "arch" in h or "weights" in h:
+                    raise ConfigError(f"heads.{name}: give either predictor or arch and weights, not both")
+                if not isinstance(h["predictor"], str) or h["predictor"] not in table:
+                    raise ConfigError(f"heads.{name}: unknown predictor {h['predictor']!r}; built-in: "
+                                      f"{', '.join(n for n, p in table.items() if p.builtin)} (or declare it under "
+                                      "predictors:)")
+            else:
+                for key in ("arch", "weights"):
+                    if not isinstance(h.get(key), str) or not h[key]:
+                        raise ConfigError(f"heads.{name}: {key} is required (e.g. {{arch: linear, weights: head.pth}} "
+                                          "or {predictor: NAME})")
             if name in BUILTIN and BUILTIN[name].option and getattr(self, BUILTIN[name].option):
                 raise ConfigError(f"heads.{name}: its weights are also given by {BUILTIN[name].option} "
                                   f"({BUILTIN[name].flag}); give them once")
-            declared_score(name, h["arch"], h.get("label"))  # raises for a bad name or arch
+            arch = table[h["predictor"]].arch if "predictor" in h else h["arch"]
+            declared_score(name, arch, h.get("label"))  # raises for a bad name or arch
 
     def to_dict(self) -> dict:
         """The config as the manifest records it."""
@@ -122,7 +157,11 @@ class CurateConfig:
             keys += ("urls_per_shard", "resize_max_side", "opt_out_directives")
         out = {"rules": self.all_rules(), **{k: getattr(self, k) for k in keys}}
         if self.heads:  # only when declared: runs without keep their fingerprint
-            out["heads"] = {n: {"arch": h["arch"], "weights": h["weights"]} for n, h in self.heads.items()}
+            out["heads"] = {n: ({"predictor": h["predictor"]} if h.get("predictor") else
+                                {"arch": h["arch"], "weights": h["weights"]}) for n, h in self.heads.items()}
+        used = {s.predictor.name: s.predictor for s in self.head_specs().values() if s.predictor is not None}
+        if used:  # where each named predictor comes from and its pin (the run adds the hashes it verified)
+            out["predictors"] = {n: {"url": p.url, "format": p.format, "sha256": p.sha256} for n, p in used.items()}
         return out
 
     def validate(self) -> None:
@@ -145,6 +184,7 @@ class CurateConfig:
             raise ConfigError(f"precision: {self.precision!r} is not one of auto, fp32, bf16, fp16")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"device: {self.device!r} is not one of auto, cpu, cuda, cuda:N")
+        self.predictor_table()  # raises for a bad predictors entry
         self.check_heads()
         self.ruleset()
 
@@ -176,12 +216,27 @@ class CurateConfig:
 
 
 def parse_head_flag(text: str) -> tuple[str, dict]:
-    """``--head NAME=ARCH:PATH`` -> (NAME, {arch, weights}); PATH may be any fsspec URL."""
+    """``--head NAME=ARCH:PATH`` -> (NAME, {arch, weights}); PATH may be any fsspec URL.
+    ``--head NAME=PREDICTOR`` (no colon) -> (NAME, {predictor})."""
     name, sep, rest = text.partition("=")
     arch, sep2, path = rest.partition(":")
+    if sep and name and rest and not sep2:
+        return name.strip(), {"predictor": rest.strip()}
     if not (sep and sep2 and name and arch and path):
-        raise ConfigError(f"--head {text!r}: expected NAME=ARCH:PATH, e.g. pcartoon=linear:s3://models/cartoon.pth")
+        raise ConfigError(f"--head {text!r}: expected NAME=ARCH:PATH, e.g. pcartoon=linear:s3://models/cartoon.pth, "
+                          "or NAME=PREDICTOR")
     return name.strip(), {"arch": arch.strip(), "weights": path.strip()}
+
+
+def pin_predictor_flag(predictors: dict[str, dict], text: str) -> dict[str, dict]:
+    """``--predictor-sha256 NAME=HEX``: the ``predictors`` config with NAME pinned to HEX."""
+    from shardsmith.filters.predictors import pin
+
+    name = text.partition("=")[0].strip()
+    table = pin(predictor_table(predictors), text)  # checks NAME and HEX
+    entry = dict(predictors.get(name, {}))
+    entry["sha256"] = table[name].sha256
+    return {**predictors, name: entry}
 
 
 def config_from_dict(data: dict, base: CurateConfig | None = None, source: str = "config") -> CurateConfig:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from shardsmith.errors import ConfigError
 from shardsmith.filters.clip import ClipSpec
+from shardsmith.filters.heads import pin_heads
+from shardsmith.filters.predictors import clip_name
 from shardsmith.filters.rules import BASE_RANGES
 from shardsmith.filters.scorer import Scorer, ScorerSpec
 from shardsmith.pipelines.config import CurateConfig
@@ -60,7 +62,16 @@ def run_curate(cfg: CurateConfig, log=print) -> dict:
                       cfg.score_set(), cfg.precision, cfg.compile)
     check_rules_against_scores(cfg, mode, spec)
     scorer, models = None, {}
+    fingerprint = {**cfg.fingerprint(), "mode": mode}
     if mode in ("images", "urls"):
+        # Named predictors: fetched once into this machine's cache and verified here, before any
+        # work; the run records (and its actors then require) the hashes verified.
+        spec = ScorerSpec(spec.clip, pin_heads(spec.heads, log), spec.similarity, spec.scores)
+        warn_predictor_clip(spec, log)
+        if "predictors" in fingerprint:
+            fingerprint["predictors"] = {h.predictor.name: {**fingerprint["predictors"][h.predictor.name],
+                                                            "sha256": h.predictor.sha256}
+                                         for h in spec.heads.values() if h.predictor is not None}
         # Check the model and the heads here, so that a bad one fails before any work starts: the
         # CLIP model is built on the meta device (architecture, checkpoint keys and shapes,
         # preprocessing; no weights in memory), the heads are loaded for real; the actors load all.
@@ -94,7 +105,7 @@ def run_curate(cfg: CurateConfig, log=print) -> dict:
 
     missing = models.get("not_computed")
     run = RunSpec(
-        tool="curate", output=cfg.output, shards=list(by_name), fingerprint={**cfg.fingerprint(), "mode": mode},
+        tool="curate", output=cfg.output, shards=list(by_name), fingerprint=fingerprint,
         config=cfg.to_dict(), models=models, inputs=[s.to_dict() for s in shards],
         what=f"{len(shards)} shard(s) in {cfg.input} ({mode} mode)", parts=CURATE_PARTS, overwrite=cfg.overwrite,
         address=cfg.address,
@@ -108,6 +119,17 @@ def run_curate(cfg: CurateConfig, log=print) -> dict:
         + [f"\noutputs in {cfg.output}: scores/, curated/, stats.json, manifest.json"],
         after=report_after if cfg.report else None, lock_ttl=cfg.lock_ttl, break_lock=cfg.break_lock)
     return run_job(run, execute, log)
+
+
+def warn_predictor_clip(spec: ScorerSpec, log) -> None:
+    """A predictor made for another CLIP model's embeddings gives meaningless scores even when the
+    widths agree (ViT-L-14 vs ViT-L-14-quickgelu): say so."""
+    ours = clip_name(spec.clip.model, spec.clip.pretrained)
+    for name, h in spec.heads.items():
+        p = h.predictor
+        if p is not None and p.clip and p.clip != ours:
+            log(f"warning: head {name!r}: predictor {p.name} reads {p.clip} embeddings, this run's CLIP is {ours}: "
+                "its scores will not mean what they mean in LAION's data")
 
 
 def report_after(output: str, log) -> None:

@@ -56,13 +56,17 @@ def build_dataset(shards: list[InputShard], cfg: CurateConfig, spec, pixel_trans
     decode_kwargs = {"pixel_transform": pixel_transform, "image_size": image_size,
                      "max_pixels": cfg.max_image_pixels, "exif_transpose": cfg.exif_transpose,
                      "detect_generated": cfg.detect_generated, "fast": cfg.fast_decode}
+    pixel_inputs = spec.pixel_inputs() if spec is not None else {}
+    if pixel_inputs:  # a model that reads pixels of its own (LAION's watermark classifier)
+        decode_kwargs["pixel_inputs"] = pixel_inputs
     rows = read_batch_rows(cfg.batch_size)
     if read_fn is None:
         # Small shards are read in groups (one task per group: one input block each), their rows
         # packed into batches of a multiple of the forward size (read_shard_rows) and passed on one
         # batch per block, so every forward is full but the last one of each group. On CPU the
         # actors decode (sample blocks hold image bytes); otherwise the read task decodes too.
-        target = sample_block_bytes(rows, shards) if plan.decode_in_actor else pixel_block_bytes(rows, image_size)
+        target = (sample_block_bytes(rows, shards) if plan.decode_in_actor
+                  else pixel_block_bytes(rows, image_size, [pi.size for pi in pixel_inputs.values()]))
         with block_size(target):
             ds = ray.data.from_items(items, override_num_blocks=read_tasks(shards, plan.num_actors))
         if plan.decode_in_actor:

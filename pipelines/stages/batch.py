@@ -3,8 +3,10 @@
     read   -> SAMPLE:   shard, row, key, image, caption, url, error_kind, error, shard_rows, and
                         read_node (the Ray node that read the rows)
     decode -> DECODED:  SAMPLE without image, with pixels, original_width, original_height, generated,
-                        sha256, phash (the dedup fingerprints)
-    score  -> SCORED:   DECODED without pixels, with one float32 column per score of the run (NaN:
+                        sha256, phash (the dedup fingerprints), and pixels_NAME (uint8) for each input
+                        of a model that reads pixels of its own (ScorerSpec.pixel_inputs(): only in
+                        runs that have one)
+    score  -> SCORED:   DECODED without the pixel columns, with one float32 column per score of the run (NaN:
                         not computed), node_id, scorer, and embedding (with --embeddings)
     driver -> results:  RESULT columns of a complete shard, sorted by row, handed to the writer
 
@@ -28,8 +30,14 @@ DECODED = {**{k: v for k, v in SAMPLE.items() if k != "image"}, "pixels": np.uin
            "original_height": np.int64, "generated": np.int8, "sha256": object, "phash": np.int64}
 TEXT_COLUMNS = ("key", "caption", "url", "error_kind", "error", "sha256")
 
+
+def is_pixel_column(name: str) -> bool:
+    """``pixels`` and the extra pixel inputs ``pixels_NAME``: consumed by the score stage."""
+    return name == "pixels" or name.startswith("pixels_")
+
+
 __all__ = ["SENTINEL", "SAMPLE", "DECODED", "TEXT_COLUMNS", "text", "text_columns", "sample_batch",
-           "result_columns", "results_table"]
+           "result_columns", "results_table", "is_pixel_column"]
 
 
 def text(v) -> str | None:

@@ -1,10 +1,12 @@
 """The decode stage (CPU tasks): image bytes -> model pixels, every failure a specific error kind.
 
 Reads SAMPLE columns, writes DECODED ones (``stages/batch.py``): ``image`` is replaced by
-``pixels`` (the PIL half of the model's preprocess), ``original_width/height``, ``generated``, and
-the dedup fingerprints ``sha256`` (of the bytes) and ``phash`` (64-bit pHash, ``filters/fingerprint.py``).
-Runs next to the reader; decoded full-size images never leave ``decode``, only the model-sized
-uint8 pixels do.
+``pixels`` (the PIL half of the model's preprocess), ``original_width/height``, ``generated``,
+the dedup fingerprints ``sha256`` (of the bytes) and ``phash`` (64-bit pHash, ``filters/fingerprint.py``),
+and, when the run has a model that reads pixels of its own (LAION's watermark classifier), its
+input too (``pixels_NAME``), made from the same decoded image. Runs next to the reader, or in the
+scoring actor on CPU; decoded full-size images never leave ``decode``, only the model-sized uint8
+pixels do.
 """
 
 from __future__ import annotations
@@ -39,11 +41,12 @@ class Decoded:
     height: int
     generated: bool | None = None  # carries shardsmith's invisible watermark (when asked)
     phash: int | None = None  # 64-bit pHash of the image as decoded (filters/fingerprint.py)
+    inputs: dict | None = None  # column -> uint8 pixels of a model that reads its own (when asked)
 
 
 def decode(data: bytes, pixel_transform, max_pixels: int = DEFAULT_MAX_PIXELS,
            exif_transpose: bool = False, detect_generated: bool = False,
-           draft_size: tuple[int, int] | None = None) -> Decoded:
+           draft_size: tuple[int, int] | None = None, input_transforms: dict | None = None) -> Decoded:
     """Decode ``data`` and apply the PIL half of the model's preprocess.
 
     The declared size is checked against ``max_pixels`` before any pixel is decoded, so a
@@ -58,6 +61,9 @@ def decode(data: bytes, pixel_transform, max_pixels: int = DEFAULT_MAX_PIXELS,
     usual: several times less decoding work on large images, pixels that differ slightly from the
     exact path (bench/ measures how much). The original size is still the stored image's. Not
     applied when looking for the invisible watermark, which needs the full image.
+
+    ``input_transforms`` (column -> PIL transform): the inputs of models that read pixels of their
+    own, made from the same decoded image (``filters/pixels.py``).
     """
     if not data:
         raise DecodeError("empty_image", "image member is empty (0 bytes)")
@@ -97,6 +103,7 @@ def decode(data: bytes, pixel_transform, max_pixels: int = DEFAULT_MAX_PIXELS,
                 img = ImageOps.exif_transpose(img)
             pixels = pixel_transform(img)
             fingerprint = phash(img)
+            inputs = {c: t(img) for c, t in input_transforms.items()} if input_transforms else None
             generated = None
             if detect_generated:
                 from shardsmith.filters.watermark import detect
@@ -107,18 +114,27 @@ def decode(data: bytes, pixel_transform, max_pixels: int = DEFAULT_MAX_PIXELS,
                                           f"{w}x{h}, mode {img.mode}): {type(e).__name__}: {e}") from e
     if orientation in _SWAPPING_ORIENTATIONS:
         w, h = h, w
-    return Decoded(pixels=pixels, width=w, height=h, generated=generated, phash=fingerprint)
+    return Decoded(pixels=pixels, width=w, height=h, generated=generated, phash=fingerprint, inputs=inputs)
 
 
 def decode_batch(batch: dict, pixel_transform, image_size: tuple[int, int], max_pixels: int,
-                 exif_transpose: bool, detect_generated: bool = False, fast: bool = False, pool=None) -> dict:
+                 exif_transpose: bool, detect_generated: bool = False, fast: bool = False,
+                 pixel_inputs: dict | None = None, pool=None) -> dict:
     """Ray Data UDF (CPU tasks), or called by a scoring actor that decodes its own images: image
     bytes -> model-size uint8 pixels + original size. ``fast``: reduced-size JPEG decoding
-    (``--fast-decode``, see decode). ``pool``: a thread pool the rows are decoded in (Pillow
-    releases the GIL while it decodes and resizes); the result is the same."""
-    draft_size = image_size[::-1] if fast else None  # PIL sizes are (width, height)
+    (``--fast-decode``, see decode). ``pixel_inputs`` (column -> ``filters.scores.PixelInput``):
+    the extra pixel columns of the run, if any. ``pool``: a thread pool the rows are decoded in
+    (Pillow releases the GIL while it decodes and resizes); the result is the same."""
+    transforms = None
+    if pixel_inputs:
+        from shardsmith.filters.pixels import PixelInputTransform
+
+        transforms = {c: PixelInputTransform(pi) for c, pi in pixel_inputs.items()}
+    sizes = [image_size] + [tuple(pi.size) for pi in (pixel_inputs or {}).values()]
+    draft_size = (max(s[1] for s in sizes), max(s[0] for s in sizes)) if fast else None  # PIL: (width, height)
     n = len(batch["row"])
     pixels = np.zeros((n, *image_size, 3), dtype=np.uint8)
+    extra = {c: np.zeros((n, *pi.size, 3), dtype=np.uint8) for c, pi in (pixel_inputs or {}).items()}
     width = np.full(n, -1, dtype=np.int64)
     height = np.full(n, -1, dtype=np.int64)
     generated = np.full(n, -1, dtype=np.int8)  # -1 = not known
@@ -133,11 +149,14 @@ def decode_batch(batch: dict, pixel_transform, image_size: tuple[int, int], max_
         if batch["image"][i]:
             sha256[i] = sha256_hex(batch["image"][i])
         try:
-            d = decode(batch["image"][i], pixel_transform, max_pixels, exif_transpose, detect_generated, draft_size)
+            d = decode(batch["image"][i], pixel_transform, max_pixels, exif_transpose, detect_generated, draft_size,
+                       transforms)
         except DecodeError as e:
             kinds[i], errors[i] = e.kind, e.message
             return
         pixels[i], width[i], height[i], phashes[i] = d.pixels, d.width, d.height, d.phash
+        for c in extra:
+            extra[c][i] = d.inputs[c]
         if d.generated is not None:
             generated[i] = int(d.generated)
 
@@ -149,5 +168,6 @@ def decode_batch(batch: dict, pixel_transform, image_size: tuple[int, int], max_
         list(pool.map(one, todo))
     out = {k: v for k, v in batch.items() if k != "image"}
     out.update(pixels=pixels, original_width=width, original_height=height, generated=generated,
-               sha256=sha256, phash=phashes, error_kind=np.array(kinds, dtype=object), error=np.array(errors, dtype=object))
+               sha256=sha256, phash=phashes, error_kind=np.array(kinds, dtype=object), error=np.array(errors, dtype=object),
+               **extra)
     return text_columns(out)

@@ -86,13 +86,14 @@ def read_decode_rows(batch: dict, rows_per_batch: int, decode_kwargs: dict) -> I
         yield decode_batch(b, **decode_kwargs)
 
 
-def pixel_block_bytes(rows: int, image_size: tuple[int, int]) -> int:
+def pixel_block_bytes(rows: int, image_size: tuple[int, int], extra_sizes: tuple = ()) -> int:
     """Target block size for batches of ``rows`` decoded images. Ray Data cuts a task's output into
     blocks when it exceeds the target, and slices blocks of 1.5x the target: a batch of a bit more
     than 1.25x the target (pixels plus a few small columns) is passed on alone and whole. The
     default target (128 MiB) held a whole shard in one block, so nothing streamed within a shard
-    and a small dataset went to one actor in one piece."""
-    return int(0.8 * rows * image_size[0] * image_size[1] * 3)
+    and a small dataset went to one actor in one piece. ``extra_sizes``: the (h, w) of the extra
+    pixel columns of the run (models that read pixels of their own)."""
+    return int(0.8 * rows * sum(h * w * 3 for h, w in (tuple(image_size), *map(tuple, extra_sizes))))
 
 
 def sample_block_bytes(rows: int, shards: list[InputShard]) -> int:

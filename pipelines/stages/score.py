@@ -3,7 +3,7 @@ every head of the run.
 
 Reads DECODED columns (``stages/batch.py``) -- or, on CPU nodes, SAMPLE columns, decoding the
 images itself between forwards in a thread pool (``decode_kwargs``; see ``core/resources.py``
-for why) -- and writes SCORED ones: ``pixels`` replaced by one
+for why) -- and writes SCORED ones: the pixel columns replaced by one
 float32 column per score of the run's ScoreSet (NaN where not computed, and for rows that were
 errors before scoring), ``node_id``, ``scorer`` (one id per actor process), ``precision`` (what the
 towers ran in, resolved per actor from ``auto``), and ``embedding``
@@ -19,7 +19,7 @@ import numpy as np
 
 from shardsmith.filters.scorer import Scorer, ScorerSpec
 from shardsmith.pipelines.core.resources import node_id
-from shardsmith.pipelines.stages.batch import SENTINEL, text, text_columns
+from shardsmith.pipelines.stages.batch import SENTINEL, is_pixel_column, text, text_columns
 
 
 class ScoreStage:
@@ -55,14 +55,15 @@ class ScoreStage:
         emb = None
         if ok.any():
             captions = [c if isinstance(c, str) else "" for c in batch["caption"][ok]]
-            res = self.scorer.score(batch["pixels"][ok], captions, fixed_batch=self.batch_size)
+            inputs = {c: batch[c][ok] for c in self.scorer.spec.pixel_inputs()}
+            res = self.scorer.score(batch["pixels"][ok], captions, fixed_batch=self.batch_size, inputs=inputs)
             for name in scores:
                 if name in res:
                     scores[name][ok] = res[name]
             if self.keep_embeddings:
                 emb = np.zeros((n, res["embedding"].shape[1]), dtype=np.float16)
                 emb[ok] = res["embedding"].astype(np.float16)
-        out = {k: v for k, v in batch.items() if k != "pixels"}
+        out = {k: v for k, v in batch.items() if not is_pixel_column(k)}
         out.update(scores)
         out["node_id"] = np.array([self.node_id] * n, dtype=object)
         out["scorer"] = np.array([self.instance] * n, dtype=object)
