@@ -73,21 +73,30 @@ def write_clip_tokenizer_files(out_dir: str) -> tuple[str, str]:
     return vocab_path, merges_path
 
 
-def write_sd_pipeline(out_dir: str, unet: dict, vae: dict, text: dict, seed: int = 0):
-    """An SD 1.x-style diffusers pipeline with random weights, of the sizes given for its UNet, VAE
-    and text encoder (DDIM scheduler, open_clip's BPE as the tokenizer), saved with
-    save_pretrained; returns the pipeline."""
+def clip_tokenizer():
+    """transformers' CLIPTokenizer from open_clip's bundled BPE (nothing from a hub)."""
     import tempfile
 
-    import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         vocab, merges = write_clip_tokenizer_files(tmp)
-        tokenizer = CLIPTokenizer(vocab, merges, model_max_length=77)
+        return CLIPTokenizer(vocab, merges, model_max_length=77)
+
+
+def write_sd_pipeline(out_dir: str, unet: dict, vae: dict, text: dict, seed: int = 0, in_channels: int = 4):
+    """An SD 1.x-style diffusers pipeline with random weights, of the sizes given for its UNet, VAE
+    and text encoder (DDIM scheduler, open_clip's BPE as the tokenizer), saved with
+    save_pretrained; returns the pipeline. ``in_channels=9``: a dedicated inpainting model
+    (latents + mask + masked-image latents), saved as a ``StableDiffusionInpaintPipeline``."""
+    import torch
+    from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionInpaintPipeline, StableDiffusionPipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = clip_tokenizer()
     torch.manual_seed(seed)
-    unet_model = UNet2DConditionModel(in_channels=4, out_channels=4, **unet)
+    unet_model = UNet2DConditionModel(in_channels=in_channels, out_channels=4, **unet)
     vae_model = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
                               down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
                               **vae)
@@ -96,23 +105,26 @@ def write_sd_pipeline(out_dir: str, unet: dict, vae: dict, text: dict, seed: int
         num_hidden_layers=2, vocab_size=49408, max_position_embeddings=77, **text))
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae_model, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet_model,
+    cls = StableDiffusionInpaintPipeline if in_channels == 9 else StableDiffusionPipeline
+    pipe = cls(vae=vae_model, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet_model,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.save_pretrained(out_dir)
     return pipe
 
 
-def write_tiny_sd(out_dir: str, seed: int = 0) -> str:
-    """A tiny SD 1.x-style diffusers pipeline, saved with save_pretrained."""
-    write_sd_pipeline(
-        out_dir,
-        unet=dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=32,
-                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                  up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32, norm_num_groups=8,
-                  attention_head_dim=8),
-        vae=dict(block_out_channels=[8, 16, 16, 16], norm_num_groups=4, sample_size=256),
-        text=dict(hidden_size=32, intermediate_size=37), seed=seed)
+TINY_UNET = dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=32,
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32, norm_num_groups=8,
+                 attention_head_dim=8)
+TINY_VAE = dict(block_out_channels=[8, 16, 16, 16], norm_num_groups=4, sample_size=256)
+TINY_TEXT = dict(hidden_size=32, intermediate_size=37)
+
+
+def write_tiny_sd(out_dir: str, seed: int = 0, in_channels: int = 4) -> str:
+    """A tiny SD 1.x-style diffusers pipeline, saved with save_pretrained (``in_channels=9``: a
+    dedicated inpainting model)."""
+    write_sd_pipeline(out_dir, unet=TINY_UNET, vae=TINY_VAE, text=TINY_TEXT, seed=seed, in_channels=in_channels)
     return out_dir
 
 
