@@ -38,7 +38,7 @@ SIZES = {
     "quick": {"shards": 2, "per_shard": 64, "meta_files": 2, "meta_rows": 100_000, "gen_images": 4,
               "gen_direct": 2, "gen_steps": 2, "gen_size": 64, "scaleout_shards": 2, "fast_images": 64},
 }
-STEPS = ("scoring", "metadata", "generation", "fast_decode", "scaleout")
+STEPS = ("scoring", "metadata", "generation", "batch_forward", "fast_decode", "scaleout")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         meta = bdata.make_metadata(os.path.join(args.work, f"meta-{size['meta_files']}x{size['meta_rows']}"),
                                    size["meta_files"], size["meta_rows"])
         results.doc["dataset"]["metadata"] = {k: v for k, v in meta.items() if k != "paths"}
-    if "generation" in steps:
+    if "generation" in steps or "batch_forward" in steps:
         sd_dir = bdata.make_sd_pipeline(os.path.join(args.work, "sd-bench"))
     results.save()
 
@@ -115,6 +115,18 @@ def main(argv: list[str] | None = None) -> int:
                 say("figure 4: generate vs a direct diffusers loop")
                 attempt("generation", lambda: generation.run(sd_dir, args.work, size["gen_images"],
                                                              size["gen_direct"], size["gen_steps"], size["gen_size"]))
+            if "batch_forward" in steps:
+                from bench import batch_forward
+
+                say("extra: --batch-forward (one call for B images) vs one call per image, model time only")
+
+                def bf():
+                    results.doc["extras"].update(batch_forward.run(
+                        sd_dir, 4 if args.quick else 16, size["gen_steps"], size["gen_size"] if args.quick else 128,
+                        batches=(2,) if args.quick else (4, 8)))
+                    return {}
+
+                attempt("batch_forward", bf)
             if "fast_decode" in steps:
                 from bench import fast_decode
 

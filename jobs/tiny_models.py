@@ -11,7 +11,9 @@ Writes
 - ``DIR/heads/nsfw.safetensors``: the LAION NSFW detector architecture, random, biased low;
 - ``DIR/sd-tiny/``: a tiny Stable Diffusion pipeline directory for diffusers (a 1 M-parameter
   UNet, a 4-level VAE with 8x downsampling, a 2-layer CLIP text encoder, DDIM), its CLIP tokenizer
-  built from open_clip's bundled BPE vocabulary — nothing comes from a hub.
+  built from open_clip's bundled BPE vocabulary — nothing comes from a hub;
+- with ``--generation``: the stand-ins of ``jobs/tiny_generation.py`` (inpainting model, ControlNet,
+  LoRAs, textual-inversion embeddings, SDXL base + refiner, a safety checker that flags).
 
 These models are untrained (apart from the watermark head's toy fit): their scores exercise the
 pipeline, they mean nothing about real images.
@@ -213,6 +215,9 @@ def curate_flags(info: dict) -> list[str]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dir", help="folder to write the models into (local path)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--generation", action="store_true",
+                   help="also write generation stand-ins: inpainting model, ControlNet, LoRAs, embeddings, SDXL base + "
+                        "refiner, a safety checker that flags (DIR/tiny-generation.json)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -223,6 +228,11 @@ def run(args: argparse.Namespace) -> int:
     except OSError as e:
         raise RunError(f"{args.dir}: cannot write the tiny models: {type(e).__name__}: {e}") from e
     print(f"wrote tiny models to {args.dir} (see {os.path.join(args.dir, 'tiny-models.json')})")
+    if args.generation:
+        from shardsmith.jobs.tiny_generation import make_generation_models
+
+        make_generation_models(args.dir, args.seed, sd_dir=info["sd_model"])
+        print(f"wrote generation stand-ins (see {os.path.join(args.dir, 'tiny-generation.json')})")
     print("use them with: shardsmith curate INPUT OUTPUT " + " ".join(curate_flags(info)))
     return 0
 

@@ -159,8 +159,9 @@ class _DiffusionStage:
             self.model_info["torch_threads"] = threads
         self.node_id = node_id()
 
-    def finish(self, img) -> tuple[bytes, dict]:
-        """Watermark (when on and the image is large enough) and encode as PNG."""
+    def finish(self, img) -> tuple[bytes, dict, str]:
+        """Watermark (when on and the image is large enough) and encode as PNG; returns the PNG,
+        the watermark's description and the sha256 of the pixels written."""
         from PIL import Image
 
         from shardsmith.filters import watermark as wm
@@ -173,7 +174,7 @@ class _DiffusionStage:
             else:
                 info = {**wm.describe(), "applied": False,
                         "why": f"image {img.size[0]}x{img.size[1]} is below {wm.MIN_SIDE}x{wm.MIN_SIDE}"}
-        return _png(img), info
+        return _png(img), info, pixels_sha256(img)
 
     def make(self, tasks: list[ImageTask], outs: list[dict], params: list[dict], sources: list | None = None,
              forward: bool = False) -> None:
@@ -231,9 +232,8 @@ class _DiffusionStage:
                 if m.nsfw:
                     fail(i, "the safety checker flagged the image (nsfw_content_detected): not written", UNSAFE)
                     continue
-                png, wm_info = self.finish(m.image)
-                params[i].update(watermark=wm_info, png_sha256=hashlib.sha256(png).hexdigest(),
-                                 pixels_sha256=pixels_sha256(m.image))
+                png, wm_info, pixels = self.finish(m.image)
+                params[i].update(watermark=wm_info, png_sha256=hashlib.sha256(png).hexdigest(), pixels_sha256=pixels)
                 outs[i].update(png=png, params=json.dumps(params[i]))
 
 
