@@ -48,14 +48,13 @@ def load_record(shard: str, key: str | None) -> tuple[dict, bytes | None]:
             raise InputError(f"{shard}: cannot read this KEY.json: {type(e).__name__}: {e}") from e
     from shardsmith.pipelines.formats.tar import iter_tar_samples
 
-    try:
-        for s in iter_tar_samples(shard):
-            if s.key == key:
-                if "json" not in s.members:
-                    raise InputError(f"{shard}: sample {key!r} has no KEY.json")
-                return json.loads(s.members["json"]), s.members.get("png")
-    except FileNotFoundError as e:
-        raise InputError(f"{shard}: no such shard") from e
+    if not fsutil.exists(shard):
+        raise InputError(f"{shard}: no such shard")
+    for s in iter_tar_samples(shard):
+        if s.key == key:
+            if "json" not in s.members:
+                raise InputError(f"{shard}: sample {key!r} has no KEY.json")
+            return json.loads(s.members["json"]), s.members.get("png")
     raise InputError(f"{shard}: no image with key {key!r} (error rows have no KEY.json: their parquet index says why)")
 
 

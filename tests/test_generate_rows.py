@@ -248,3 +248,14 @@ def test_inputs_that_cannot_be_read_are_input_errors(tmp_path):
     (tmp_path / "broken.tar").write_bytes(b"x" * 700)
     with pytest.raises(InputError):
         index_images(str(tmp_path / "broken.tar"))
+
+
+def test_regenerate_cli_errors_are_one_line_exit_2(tmp_path):
+    (tmp_path / "old.json").write_text(json.dumps({"prompt": "a", "seed": 1}))
+    env = {**os.environ, "PYTHONPATH": os.getcwd(), "HF_HUB_OFFLINE": "1"}
+    for args, msg in [([str(tmp_path / "none.tar"), "k"], "no such shard"),
+                      ([str(tmp_path / "old.json")], "has no 'task'"),
+                      ([str(tmp_path / "none.tar")], "give SHARD KEY, or a KEY.json file")]:
+        r = subprocess.run([sys.executable, "-m", "shardsmith", "regenerate", *args], capture_output=True, text=True,
+                           timeout=300, env=env)
+        assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, (args, r.stderr[-1500:])
