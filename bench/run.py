@@ -47,8 +47,8 @@ SIZES = {
               "gen_direct": 2, "gen_steps": 2, "gen_size": 64, "scaleout_shards": 2, "fast_images": 64,
               "dedup_rows": 2_000, "dedup_dim": 32, "dedup_rate_rows": 4_000, "dedup_rate_dim": 64},
 }
-STEPS = ("cli", "scoring", "metadata", "generation", "fast_decode", "precision", "watermark", "recurate", "scaleout",
-         "dedup")
+STEPS = ("cli", "scoring", "metadata", "generation", "batch_forward", "fast_decode", "precision", "watermark",
+         "recurate", "scaleout", "dedup")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         meta = bdata.make_metadata(os.path.join(args.work, f"meta-{size['meta_files']}x{size['meta_rows']}"),
                                    size["meta_files"], size["meta_rows"])
         results.doc["dataset"]["metadata"] = {k: v for k, v in meta.items() if k != "paths"}
-    if "generation" in steps:
+    if "generation" in steps or "batch_forward" in steps:
         sd_dir = bdata.make_sd_pipeline(os.path.join(args.work, "sd-bench"))
     results.save()
 
@@ -138,6 +138,18 @@ def main(argv: list[str] | None = None) -> int:
                 say("figures: generate vs a direct diffusers loop; generate at bf16 vs fp32")
                 attempt("generation", lambda: generation.run(sd_dir, args.work, size["gen_images"],
                                                              size["gen_direct"], size["gen_steps"], size["gen_size"]))
+            if "batch_forward" in steps:
+                from bench import batch_forward
+
+                say("extra: --batch-forward (one call for B images) vs one call per image, model time only")
+
+                def bf():
+                    results.doc["extras"].update(batch_forward.run(
+                        sd_dir, 4 if args.quick else 16, size["gen_steps"], size["gen_size"] if args.quick else 128,
+                        batches=(2,) if args.quick else (4, 8)))
+                    return {}
+
+                attempt("batch_forward", bf)
             if "fast_decode" in steps:
                 from bench import fast_decode
 

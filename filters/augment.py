@@ -34,15 +34,15 @@ def target_size(w: int, h: int, size: tuple[int, int] | None = None, buckets: bo
     return max(8, int(w * scale) // 8 * 8), max(8, int(h * scale) // 8 * 8)
 
 
-def resize_cover(img, size: tuple[int, int]):
-    """Resize to cover ``size`` then center-crop to it exactly."""
+def resize_cover(img, size: tuple[int, int], resample=None):
+    """Resize to cover ``size`` then center-crop to it exactly (LANCZOS unless ``resample``)."""
     from PIL import Image
 
     tw, th = size
     w, h = img.size
     scale = max(tw / w, th / h)
     nw, nh = max(tw, round(w * scale)), max(th, round(h * scale))
-    img = img.resize((nw, nh), Image.Resampling.LANCZOS)
+    img = img.resize((nw, nh), Image.Resampling.LANCZOS if resample is None else resample)
     left, top = (nw - tw) // 2, (nh - th) // 2
     return img.crop((left, top, left + tw, top + th))
 

@@ -6,7 +6,9 @@ with {caption} and {key}); each variant's json links to its source key and shard
 preparation: --caption-dropout P empties a deterministic fraction P of the stored captions (SD's
 final training rounds dropped 10%), --buckets resizes/crops sources to SDXL-style aspect-ratio
 buckets of --bucket-area pixels (else the long side is scaled to --max-side, or --size WxH).
-An unreadable source image gives error rows; the rest of the shard completes.
+An unreadable source image gives error rows; the rest of the shard completes. Structure-preserving
+variants: ``--controlnet MODEL --control canny`` conditions each variant on the source's edge map;
+``--lora`` / ``--textual-inversion`` apply adapters to every variant.
 
     python -m shardsmith.jobs.augment INPUT OUTPUT --model MODEL [options]
 """

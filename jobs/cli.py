@@ -30,6 +30,8 @@ COMMANDS = {
     "augment": ("shardsmith.jobs.augment",
                 "img2img variants of a webdataset's images (SDEdit), for training-set preparation"),
     "config": ("shardsmith.jobs.config", "show a job's effective config (defaults <- --config FILE <- flags) as YAML"),
+    "regenerate": ("shardsmith.jobs.regenerate",
+                   "make a generated image again from its KEY.json; say whether it is bit-identical"),
     "demo": ("shardsmith.jobs.demo", "sample data + tiny models + curate, end to end, into ./demo-output"),
     "submit": ("shardsmith.jobs.submit",
                "run a job on a Ray cluster through Ray's job API; stream its logs, exit with its status"),

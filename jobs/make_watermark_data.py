@@ -89,7 +89,7 @@ def make_watermark_data(spec: str, output: str, per_shard: int = 500, max_side: 
 
     from shardsmith.filters.visible_watermark import add_visible_watermark
     from shardsmith.pipelines.core import fs as fsutil
-    from shardsmith.pipelines.formats.tar import TarWriter
+    from shardsmith.pipelines.formats.tar import PIL_FORMATS, TarWriter
 
     def encode(img: Image.Image) -> bytes:
         buf = io.BytesIO()
@@ -119,7 +119,7 @@ def make_watermark_data(spec: str, output: str, per_shard: int = 500, max_side: 
             img = None
             if skip is None:
                 try:
-                    img = Image.open(io.BytesIO(data))
+                    img = Image.open(io.BytesIO(data), formats=PIL_FORMATS)
                     img.load()
                     img = img.convert("RGB")
                 except Exception as e:

@@ -11,7 +11,9 @@ Writes
 - ``DIR/heads/nsfw.safetensors``: the LAION NSFW detector architecture, random, biased low;
 - ``DIR/sd-tiny/``: a tiny Stable Diffusion pipeline directory for diffusers (a 1 M-parameter
   UNet, a 4-level VAE with 8x downsampling, a 2-layer CLIP text encoder, DDIM), its CLIP tokenizer
-  built from open_clip's bundled BPE vocabulary — nothing comes from a hub.
+  built from open_clip's bundled BPE vocabulary — nothing comes from a hub;
+- with ``--generation``: the stand-ins of ``jobs/tiny_generation.py`` (inpainting model, ControlNet,
+  LoRAs, textual-inversion embeddings, SDXL base + refiner, a safety checker that flags).
 
 These models are untrained (apart from the watermark head's toy fit): their scores exercise the
 pipeline, they mean nothing about real images.
@@ -92,21 +94,30 @@ def write_clip_tokenizer_files(out_dir: str) -> tuple[str, str]:
     return vocab_path, merges_path
 
 
-def write_sd_pipeline(out_dir: str, unet: dict, vae: dict, text: dict, seed: int = 0):
-    """An SD 1.x-style diffusers pipeline with random weights, of the sizes given for its UNet, VAE
-    and text encoder (DDIM scheduler, open_clip's BPE as the tokenizer), saved with
-    save_pretrained; returns the pipeline."""
+def clip_tokenizer():
+    """transformers' CLIPTokenizer from open_clip's bundled BPE (nothing from a hub)."""
     import tempfile
 
-    import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         vocab, merges = write_clip_tokenizer_files(tmp)
-        tokenizer = CLIPTokenizer(vocab, merges, model_max_length=77)
+        return CLIPTokenizer(vocab, merges, model_max_length=77)
+
+
+def write_sd_pipeline(out_dir: str, unet: dict, vae: dict, text: dict, seed: int = 0, in_channels: int = 4):
+    """An SD 1.x-style diffusers pipeline with random weights, of the sizes given for its UNet, VAE
+    and text encoder (DDIM scheduler, open_clip's BPE as the tokenizer), saved with
+    save_pretrained; returns the pipeline. ``in_channels=9``: a dedicated inpainting model
+    (latents + mask + masked-image latents), saved as a ``StableDiffusionInpaintPipeline``."""
+    import torch
+    from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionInpaintPipeline, StableDiffusionPipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = clip_tokenizer()
     torch.manual_seed(seed)
-    unet_model = UNet2DConditionModel(in_channels=4, out_channels=4, **unet)
+    unet_model = UNet2DConditionModel(in_channels=in_channels, out_channels=4, **unet)
     vae_model = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
                               down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
                               **vae)
@@ -115,7 +126,8 @@ def write_sd_pipeline(out_dir: str, unet: dict, vae: dict, text: dict, seed: int
         num_hidden_layers=2, vocab_size=49408, max_position_embeddings=77, **text))
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae_model, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet_model,
+    cls = StableDiffusionInpaintPipeline if in_channels == 9 else StableDiffusionPipeline
+    pipe = cls(vae=vae_model, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet_model,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     from transformers.utils import logging as hf_logging
@@ -130,16 +142,18 @@ def write_sd_pipeline(out_dir: str, unet: dict, vae: dict, text: dict, seed: int
     return pipe
 
 
-def write_tiny_sd(out_dir: str, seed: int = 0) -> str:
-    """A tiny SD 1.x-style diffusers pipeline, saved with save_pretrained."""
-    write_sd_pipeline(
-        out_dir,
-        unet=dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=32,
-                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                  up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32, norm_num_groups=8,
-                  attention_head_dim=8),
-        vae=dict(block_out_channels=[8, 16, 16, 16], norm_num_groups=4, sample_size=256),
-        text=dict(hidden_size=32, intermediate_size=37), seed=seed)
+TINY_UNET = dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=32,
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32, norm_num_groups=8,
+                 attention_head_dim=8)
+TINY_VAE = dict(block_out_channels=[8, 16, 16, 16], norm_num_groups=4, sample_size=256)
+TINY_TEXT = dict(hidden_size=32, intermediate_size=37)
+
+
+def write_tiny_sd(out_dir: str, seed: int = 0, in_channels: int = 4) -> str:
+    """A tiny SD 1.x-style diffusers pipeline, saved with save_pretrained (``in_channels=9``: a
+    dedicated inpainting model)."""
+    write_sd_pipeline(out_dir, unet=TINY_UNET, vae=TINY_VAE, text=TINY_TEXT, seed=seed, in_channels=in_channels)
     return out_dir
 
 
@@ -229,6 +243,9 @@ def curate_flags(info: dict) -> list[str]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dir", help="folder to write the models into (local path)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--generation", action="store_true",
+                   help="also write generation stand-ins: inpainting model, ControlNet, LoRAs, embeddings, SDXL base + "
+                        "refiner, a safety checker that flags (DIR/tiny-generation.json)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -239,6 +256,11 @@ def run(args: argparse.Namespace) -> int:
     except OSError as e:
         raise RunError(f"{args.dir}: cannot write the tiny models: {type(e).__name__}: {e}") from e
     print(f"wrote tiny models to {args.dir} (see {os.path.join(args.dir, 'tiny-models.json')})")
+    if args.generation:
+        from shardsmith.jobs.tiny_generation import make_generation_models
+
+        make_generation_models(args.dir, args.seed, sd_dir=info["sd_model"])
+        print(f"wrote generation stand-ins (see {os.path.join(args.dir, 'tiny-generation.json')})")
     print("use them with: shardsmith curate INPUT OUTPUT " + " ".join(curate_flags(info)))
     return 0
 

@@ -59,3 +59,12 @@ def read_scores(output):
 
     files = sorted(glob.glob(os.path.join(str(output), "scores", "*.parquet")))
     return pa.concat_tables([pq.read_table(f) for f in files])
+
+
+@pytest.fixture(scope="session")
+def generation_models(tiny_models, tmp_path_factory):
+    """Inpainting model, ControlNet, LoRAs, embeddings, SDXL base + refiner, a safety checker that
+    flags (jobs/tiny_generation.py), beside the session's tiny SD pipeline."""
+    from shardsmith.jobs.tiny_generation import make_generation_models
+
+    return make_generation_models(str(tmp_path_factory.mktemp("gen-models")), sd_dir=tiny_models["sd_model"])

@@ -206,6 +206,8 @@ def node_id() -> str:
     try:
         import ray
 
+        if not ray.is_initialized():  # outside Ray (``shardsmith regenerate``): do not start one
+            return "local"
         return ray.get_runtime_context().get_node_id()
     except Exception:
         return "local"

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from shardsmith.pipelines.config.generate import GenerateConfig
 from shardsmith.pipelines.core.lifecycle import run_job
-from shardsmith.pipelines.flows.diffusion import diffuse_and_write, diffusion_plan, generated_run
+from shardsmith.pipelines.flows.diffusion import diffuse_and_write, diffusion_plan, diffusion_spec, generated_run
 
 
 def run_augment(cfg: GenerateConfig, log=print) -> dict:
     import ray
 
-    from shardsmith.filters.diffusion import DiffusionSpec, describe_model
+    from shardsmith.filters.diffusion import describe_model
     from shardsmith.pipelines.core.dispatch import ShardCollector
     from shardsmith.pipelines.core.progress import Progress
     from shardsmith.pipelines.core.resources import TASK_STAGE_ARGS
@@ -25,8 +25,7 @@ def run_augment(cfg: GenerateConfig, log=print) -> dict:
     from shardsmith.pipelines.stages.read import read_shard_rows
 
     cfg.validate("augment")
-    spec = DiffusionSpec(cfg.model, cfg.revision, cfg.scheduler, cfg.dtype)
-    spec.validate()
+    spec = diffusion_spec(cfg)
     _, shards = plan_shards(cfg.input, "images")
     by_name = {s.name: s for s in shards}
 
@@ -36,7 +35,8 @@ def run_augment(cfg: GenerateConfig, log=print) -> dict:
         ds = ray.data.from_items([{"shard": n, "url": by_name[n].url, "limit": cfg.limit} for n in todo],
                                  override_num_blocks=len(todo))
         ds = ds.map_batches(read_shard_rows, batch_size=1, num_cpus=plan.read_cpus, **TASK_STAGE_ARGS)
-        diffuse_and_write(ds, AugmentStage, (spec, plan.device, plan.torch_threads, cfg.watermark, cfg), plan, cfg,
+        urls = {n: by_name[n].url for n in todo}
+        diffuse_and_write(ds, AugmentStage, (spec, plan.device, plan.torch_threads, cfg.watermark, cfg, urls), plan, cfg,
                           Progress("augment", None, len(todo), enabled=cfg.progress), ShardCollector(),
                           "augment (diffusion actors)", todo)
 

@@ -31,8 +31,20 @@ def diffusion_plan(cfg: GenerateConfig):
     return plan
 
 
+def diffusion_spec(cfg: GenerateConfig):
+    from shardsmith.errors import ConfigError
+    from shardsmith.filters.diffusion import DiffusionSpec, resolve_model, ships_safety_checker
+
+    spec = DiffusionSpec(cfg.model, cfg.revision, cfg.scheduler, cfg.dtype, cfg.safety_checker)
+    spec.validate()
+    if spec.safety_checker == "on" and ships_safety_checker(resolve_model(spec.model)) is False:
+        raise ConfigError(f"safety_checker on: {cfg.model} ships no safety checker (its model_index.json)")
+    return spec
+
+
 def diffuse_and_write(ds, stage, stage_args: tuple, plan, cfg: GenerateConfig, progress,
-                      collector: ShardCollector, label: str = "diffusion", names: list[str] | None = None) -> None:
+                      collector: ShardCollector, label: str = "diffusion", names: list[str] | None = None,
+                      rows_per_call: int | None = None) -> None:
     """``stage`` (one diffusers pipeline per actor) over ``ds``; each complete shard is handed to a
     writer task that commits it."""
     import ray
@@ -40,7 +52,8 @@ def diffuse_and_write(ds, stage, stage_args: tuple, plan, cfg: GenerateConfig, p
 
     ds = ds.map_batches(stage, fn_constructor_args=stage_args,
                         compute=ActorPoolStrategy(min_size=1, max_size=plan.num_actors),
-                        batch_size=cfg.batch_size, num_cpus=plan.actor_cpus, num_gpus=plan.actor_gpus)
+                        batch_size=rows_per_call or cfg.batch_size, num_cpus=plan.actor_cpus,
+                        num_gpus=plan.actor_gpus)
     writer = ray.remote(num_cpus=plan.write_cpus, max_retries=3)(write_generated_shard)
     dispatcher = Dispatcher(window=max(2, 2 * plan.num_actors), on_done=progress_on_commit(progress),
                             stall_timeout=cfg.stall_timeout, stage="write")

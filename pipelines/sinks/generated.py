@@ -2,7 +2,9 @@
 
     S.tar       KEY.png + KEY.txt (the caption: the prompt, or augment's source caption) + KEY.json
                 (every parameter needed to make the image again) for each image made, in row order
-    S.parquet   every row, img2dataset's columns: status success | error, with error_message
+    S.parquet   every row, img2dataset's columns: status success | error, with error_message and
+                its kind in ``reason`` (``generation_error``; ``unsafe_content``: the safety checker
+                flagged the image, which is not written)
 
 Both at the top of OUTPUT, in img2dataset's layout, so ``shardsmith curate OUTPUT ...`` reads the
 shards straight back (an error row there becomes an error row of kind ``generation_error``).
@@ -23,7 +25,8 @@ INDEX_SCHEMA = pa.schema([("key", pa.string()), ("caption", pa.string()), ("prom
                           ("status", pa.string()), ("error_message", pa.string()), ("width", pa.int64()),
                           ("height", pa.int64()), ("seed", pa.int64()), ("num_inference_steps", pa.int64()),
                           ("guidance_scale", pa.float64()), ("negative_prompt", pa.string()),
-                          ("source_key", pa.string()), ("sha256", pa.string())])
+                          ("source_key", pa.string()), ("sha256", pa.string()), ("mode", pa.string()),
+                          ("reason", pa.string()), ("nsfw_content_detected", pa.bool_())])
 
 
 def index_row(r: dict) -> dict:
@@ -33,7 +36,13 @@ def index_row(r: dict) -> dict:
             "width": p.get("width"), "height": p.get("height"), "seed": p.get("seed"),
             "num_inference_steps": p.get("num_inference_steps"), "guidance_scale": p.get("guidance_scale"),
             "negative_prompt": p.get("negative_prompt"), "source_key": p.get("source_key"),
-            "sha256": hashlib.sha256(r["png"]).hexdigest() if r["png"] is not None else None}
+            "sha256": hashlib.sha256(r["png"]).hexdigest() if r["png"] is not None else None,
+            "mode": p.get("mode"), "reason": None if r["png"] is not None else error_kind(r),
+            "nsfw_content_detected": p.get("nsfw_content_detected")}
+
+
+def error_kind(r: dict) -> str:
+    return r.get("error_kind") if isinstance(r.get("error_kind"), str) else "generation_error"
 
 
 def write_generated_shard(name: str, rows: pa.Table | None, out_root: str, extra: dict | None = None) -> dict:
@@ -49,6 +58,6 @@ def write_generated_shard(name: str, rows: pa.Table | None, out_root: str, extra
                                       "json": json.dumps(meta, sort_keys=True).encode()})
     commit.parquet(f"{name}.parquet", pa.Table.from_pylist([index_row(r) for r in recs], schema=INDEX_SCHEMA))
     made = [r["png"] is not None for r in recs]
-    stats = shard_stats(["kept" if m else "error" for m in made], [None if m else "generation_error" for m in made])
+    stats = shard_stats(["kept" if m else "error" for m in made], [None if m else error_kind(r) for m, r in zip(made, recs)])
     nodes = sorted({r["node_id"] for r in recs if r.get("node_id")})
     return commit.commit(stats, generated=stats["kept"], node_ids=nodes, **(extra or {}))
