@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 
-from shardsmith.jobs.tiny_models import TINY_TEXT, clip_tokenizer, write_tiny_sd
+from shardsmith.jobs.tiny_sd import TINY_TEXT, clip_tokenizer, write_tiny_sd
 
 LORA_TARGETS_UNET = ["to_q", "to_k", "to_v", "to_out.0"]
 LORA_TARGETS_TEXT = ["q_proj", "k_proj", "v_proj", "out_proj"]
