@@ -17,7 +17,8 @@ plus ``--fast-decode``'s speed and deviation (bench/fast_decode.py), bf16's devi
 forward on its own input (bench/watermark_effnet.py). Writes ``bench/results.json`` and
 ``bench/results.md`` after every figure; exits 1 when a figure misses its target or fails.
 
-    python -m bench.run [--only cli,scoring,metadata,generation,fast_decode,precision,watermark,recurate,scaleout,dedup] [--quick]
+    python -m bench.run [--only cli,scoring,metadata,generation,batch_forward,fast_decode,precision,watermark,recurate,
+                             scaleout,dedup] [--quick]
     python -m bench.run --gpu     # the GPU plan (bench/gpu.py): skips, saying so, without CUDA
 
 ``--quick`` shrinks everything to check that the harness runs (its figures mean nothing).

@@ -317,19 +317,33 @@ def load_head(name: str, path: str, embed_dim: int | None = None, arch: str | No
             f"{embed_dim}-d (the LAION heads need ViT-L-14-quickgelu/openai, 768-d)"
         )
     return head.eval()
+
+
+def card_url(weights: str) -> str:
+    """Where a head's card is: ``WEIGHTS.json``, the suffix on the path (a signed URL's query
+    stays after it)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    if "://" not in weights:
+        return weights + ".json"
+    u = urlsplit(weights)
+    return urlunsplit(u._replace(path=u.path + ".json"))
+
+
 def head_card(weights: str) -> dict | None:
     """The card ``shardsmith fit-head`` writes beside a head (``WEIGHTS.json``), or None."""
     import json
 
     import fsspec
 
+    url = card_url(weights)
     try:
-        with fsspec.open(weights + ".json", "rt") as f:
+        with fsspec.open(url, "rt") as f:
             card = json.load(f)
     except FileNotFoundError:
         return None
     except Exception as e:
-        raise HeadLoadError(f"{weights}.json: the head's card is not readable JSON: {type(e).__name__}: {e}") from e
+        raise HeadLoadError(f"{url}: the head's card is not readable JSON: {type(e).__name__}: {e}") from e
     return card if isinstance(card, dict) and card.get("kind") == "shardsmith-head" else None
 
 

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from jobrun import assert_same_outputs
 
-pytestmark = [pytest.mark.faults, pytest.mark.timeout(1200)]
+pytestmark = [pytest.mark.faults, pytest.mark.long, pytest.mark.timeout(1200)]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCENARIO = os.path.join(ROOT, "tests", "full_disk_scenario.py")
 

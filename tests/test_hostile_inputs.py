@@ -77,7 +77,7 @@ AS_STORED = ["ok-jpeg", "png-alpha", "png-palette", "png-16bit", "grayscale-jpeg
              "gif-animated", "webp-animated", "one-pixel"]
 # The layout of OUTPUT (README, "Output layout"): anything else found there was written by mistake.
 LAYOUT = re.compile(r"^(scores/\d{5}\.parquet|curated/\d{5}\.(tar|parquet)|_ledger/\d{5}\.json|manifest\.json|"
-                    r"stats\.json)$")
+                    r"stats\.json|_lease\.json)$")  # (core/layout.py; the lease: core/lock.py)
 
 
 def listing(d) -> list[str]:

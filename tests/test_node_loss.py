@@ -18,7 +18,7 @@ import pytest
 from jobrun import assert_same_outputs, cli, committed, finish, logs, wait_for
 from ray_nodes import LocalRayCluster, cluster_env, cmdline, descendants, write_token
 
-pytestmark = [pytest.mark.faults, pytest.mark.timeout(1200)]
+pytestmark = [pytest.mark.faults, pytest.mark.long, pytest.mark.timeout(1200)]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIGURES: dict = {"node_kills": []}
 

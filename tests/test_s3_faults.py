@@ -241,6 +241,7 @@ def test_curate_through_a_faulty_store_equals_a_clean_run(s3_cluster, moto):
 
 
 @pytest.mark.faults
+@pytest.mark.long
 def test_a_store_down_mid_run_stops_it_in_one_line_and_the_rerun_resumes(s3_cluster, moto):
     proxy = s3_cluster["proxy"]
     fs = moto.filesystem()

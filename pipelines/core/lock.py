@@ -4,8 +4,9 @@
 lease expires. ``run_job`` takes it first thing (``Lease.acquire``): a second run into the same
 OUTPUT is refused with one line naming the holder, before it writes anything. The holder renews it
 every ``ttl / 3`` seconds from a thread; a run killed without a chance to release it leaves a lease
-that expires ``ttl`` seconds after its last renewal, and the next run takes it over then (or at once
-with ``--break-lock``, when the user knows the holder is dead). A holder that cannot renew in time
+that expires ``ttl`` seconds after its last renewal, and the next run takes it over then -- at once
+when the holder ran on the same host and its process is gone, or with ``--break-lock``, when the
+user knows the holder is dead. A holder that cannot renew in time
 (its lease was taken over, or the store kept failing) stops its run: it no longer owns OUTPUT.
 
 How "take it if nobody holds it" is made atomic depends on where OUTPUT is:
@@ -68,6 +69,13 @@ class Holder:
 
     def encode(self) -> bytes:
         return json.dumps(asdict(self), indent=1).encode()
+
+    def dead_here(self) -> bool:
+        """The holder ran on this host and its process is gone: a killed run (SIGKILL, OOM, a
+        crash) whose lease nobody renews; its rerun takes OUTPUT over at once instead of waiting
+        for the expiry. (A pid reused by another process reads as alive: the lease then waits for
+        its expiry, the safe way. Containers sharing an OUTPUT must not share a hostname.)"""
+        return self.host == socket.gethostname() and not _pid_alive(self.pid)
 
     def describe(self, now: float | None = None) -> str:
         now = time.time() if now is None else now
@@ -364,7 +372,8 @@ class Lease:
                 self.token = current[1]
                 self._check_store(current[0])
                 return
-            if old is not None and old.expires_at > now and not self.break_lock:
+            dead = old is not None and old.dead_here()
+            if old is not None and old.expires_at > now and not self.break_lock and not dead:
                 raise RunError(f"{self.output} is being written by another run: {old.describe(now)}; wait for it to "
                                "finish or use another OUTPUT; if that run is dead, rerun once its lease expires or "
                                "pass --break-lock")
@@ -372,7 +381,8 @@ class Lease:
             self.token = self.store.replace(data, current[1])
             if self.token:
                 if old is not None:
-                    why = "--break-lock" if old.expires_at > now else "its lease expired"
+                    why = ("its process is gone" if dead else "--break-lock" if old.expires_at > now
+                           else "its lease expired")
                     self.log(f"taking over {self.output} from a run that no longer renews its lease ({why}): "
                              f"{old.describe(now)}")
                 self._check_store(data)

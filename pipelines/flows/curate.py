@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from shardsmith.errors import ConfigError
 from shardsmith.filters.clip import ClipSpec
 from shardsmith.filters.heads import pin_heads
@@ -66,7 +68,7 @@ def run_curate(cfg: CurateConfig, log=print) -> dict:
     if mode in ("images", "urls"):
         # Named predictors: fetched once into this machine's cache and verified here, before any
         # work; the run records (and its actors then require) the hashes verified.
-        spec = ScorerSpec(spec.clip, pin_heads(spec.heads, log), spec.similarity, spec.scores)
+        spec = dataclasses.replace(spec, heads=pin_heads(spec.heads, log))
         warn_predictor_clip(spec, log)
         if "predictors" in fingerprint:
             fingerprint["predictors"] = {h.predictor.name: {**fingerprint["predictors"][h.predictor.name],

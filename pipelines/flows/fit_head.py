@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from shardsmith.errors import InputError, version
+from shardsmith.filters.heads import card_url
 from shardsmith.filters.predictors import clip_name
 from shardsmith.pipelines.config.fit_head import FitHeadConfig
 from shardsmith.pipelines.core import fs as fsutil
@@ -157,7 +158,7 @@ def run_fit_head(cfg: FitHeadConfig, log=print) -> dict:
         "use": f"heads: {{NAME: {{arch: {cfg.arch}, weights: {cfg.output}}}}}",
     }
     fsutil.write_bytes_atomic(cfg.output, save(sd, metadata={"arch": cfg.arch, "clip": card["clip"]}))
-    fsutil.write_bytes_atomic(cfg.output + ".json", (json.dumps(card, indent=1) + "\n").encode())
+    fsutil.write_bytes_atomic(card_url(cfg.output), (json.dumps(card, indent=1) + "\n").encode())
     from shardsmith.pipelines.report.fit import write_fit_report
 
     report = write_fit_report(cfg.output, card, data.y, rep.held_out)

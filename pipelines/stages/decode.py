@@ -85,10 +85,14 @@ def decode(data: bytes, pixel_transform, max_pixels: int = DEFAULT_MAX_PIXELS,
         raise DecodeError("decode_error", f"image has an empty size {w}x{h}")
     work = getattr(pixel_transform, "work_pixels", None)
     resized = work(w, h) if work is not None else w * h
-    if resized > max_pixels:  # an extreme aspect ratio: the model's resize would be the bomb
+    # an extreme aspect ratio: the model's resize would be the bomb. Bounded by the larger of the
+    # limit and Pillow's default: a small --max-image-pixels is a policy on stored sizes, and
+    # upscaling a small image to the model's size is not a bomb.
+    resize_limit = max(max_pixels, DEFAULT_MAX_PIXELS)
+    if resized > resize_limit:
         raise DecodeError("image_too_large",
                           f"size {w}x{h} (aspect ratio {max(w, h) / min(w, h):.0f}:1): the model's resize would make "
-                          f"{resized} pixels, over the limit of {max_pixels}")
+                          f"{resized} pixels, over the limit of {resize_limit}")
     try:
         orientation = img.getexif().get(0x0112, 1)
     except Exception:
