@@ -273,7 +273,8 @@ def test_killed_scoring_actor_is_retried_and_visible_in_stats(cluster, tiny_mode
 
 def generate_args(prompts, out, models, address):
     return ["shardsmith.jobs.generate", str(prompts), str(out), "--model", models["sd_model"], "--address", address, "--quiet",
-            "--steps", "2", "--width", "64", "--height", "64", "--shard-size", "3", "--batch-size", "2"]
+            # (128 px, 4 steps: a shard takes long enough that a kill after k commits lands before the next)
+            "--steps", "4", "--width", "128", "--height", "128", "--shard-size", "3", "--batch-size", "2"]
 
 
 GEN_SHARDS = 4  # 12 prompts, 3 per shard

@@ -312,7 +312,8 @@ def test_curate_with_declared_and_builtin_predictors_equals_references(ray_local
     cfg_file.write_text(yaml.safe_dump({
         "clip_model": tiny_models["clip_model"], "clip_pretrained": tiny_models["clip_pretrained"], "preset": "none",
         "predictors": {"my-nsfw": {"url": nsfw_url, "sha256": sha(buf.getvalue()), "format": "laion-nsfw-torch"}},
-        "heads": {"punsafe": {"predictor": "my-nsfw"}}, "rules": ["punsafe < 0.9"], "batch_size": 16}))
+        "heads": {"punsafe": {"predictor": "my-nsfw"}}, "rules": ["punsafe < 0.9"], "batch_size": 16,
+        "precision": "fp32"}))  # the references below are fp32
     shard = sample["shards"][0]
     args = build_parser().parse_args(["curate", shard, str(tmp_path / "out"), "--config", str(cfg_file), "--quiet",
                                       "--aesthetic-head", "laion-aesthetic-v2", "--no-report",
