@@ -24,7 +24,7 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
-from ray_nodes import LocalRayCluster, cluster_env, write_token
+from ray_nodes import LocalRayCluster, cluster_env, cmdline, descendants, write_token
 
 pytestmark = pytest.mark.faults
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -203,33 +203,6 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(cluster, tiny_models, fault
     rerun_redoes_only_the_rest(args, env, out, before, sent_at, CURATE_SHARDS)
     assert_same_outputs(reference, out)
     FIGURES["ctrl_c_survived"] += 1
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid``, from /proc (no name matching across the machine)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
-def cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
 
 
 def test_killed_scoring_actor_is_retried_and_visible_in_stats(cluster, tiny_models, tmp_path):
