@@ -50,7 +50,8 @@ def main(out_dir: str, work: str, gpu_decode: bool = False, quick: bool = False)
 
     device = torch.cuda.get_device_name(0)
     say(f"bench-gpu: {device}")
-    model = open_clip.create_model("ViT-L-14-quickgelu", pretrained=None).eval().to("cuda", torch.float16)
+    # what curate runs on CUDA at precision auto: open_clip's own fp16 (LayerNorm in fp32)
+    model = open_clip.create_model("ViT-L-14-quickgelu", pretrained=None, precision="fp16", device="cuda").eval()
     rates, batch, best = {}, 64, None
     while batch <= (256 if quick else 4096):
         try:

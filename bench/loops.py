@@ -1,6 +1,9 @@
 """The in-process reference loops curate is compared with, each at full strength: torch's own
 thread count (every core of the node, what a plain Python process gets), the same model, heads,
-batch size and precision as the curate run it is compared with.
+batch size and precision as the curate run it is compared with. Reduced precision is open_clip's
+own (``create_model_and_transforms(..., precision="bf16")``), the fastest a user gets from
+open_clip; captions go through ``encode_text`` on open_clip's whole 77-token context, as a user
+calls it (curate encodes each caption on its own tokens: ``text="own"`` measures that too).
 
 - ``BareModels``: the model work of curate and nothing else, on already-decoded, preprocessed
   float tensors and already-tokenized captions: the CLIP image and text towers (``towers_only``:
@@ -17,7 +20,6 @@ with (so the noise of a shared machine hits both sides alike).
 
 from __future__ import annotations
 
-import contextlib
 import io
 import time
 
@@ -29,24 +31,27 @@ from shardsmith.filters.clip import ClipEmbedder, ClipSpec
 from shardsmith.filters.heads import load_head
 
 HEAD_FILES = {"aesthetic": "aesthetic_head", "pwatermark": "watermark_head", "punsafe": "nsfw_head"}
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def autocast(precision: str):
-    """What curate's towers run under at ``precision`` (filters/clip.py does the same)."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast("cpu", dtype=DTYPES[precision])
 
 
 class Models:
-    """One CLIP model, its preprocess and tokenizer, and the three heads (shared by the loops)."""
+    """One CLIP model (at every precision asked for, the same weights), its preprocess and
+    tokenizer, and the three heads (shared by the loops)."""
 
     def __init__(self, clip_model: str, heads: dict[str, str]):
+        self.clip_model = clip_model
         self.embedder = ClipEmbedder(ClipSpec(clip_model, None), device="cpu")
         self.model = self.embedder.model
+        self._at = {"fp32": self.embedder}
         self.heads = {name: load_head(name, heads[key], embed_dim=self.embedder.embed_dim)
                       for name, key in HEAD_FILES.items()}
+
+    def at(self, precision: str) -> ClipEmbedder:
+        """The embedder at ``precision`` (open_clip's own mixed precision), with the fp32 weights."""
+        if precision not in self._at:
+            e = ClipEmbedder(ClipSpec(self.clip_model, None), device="cpu", precision=precision)
+            e.model.load_state_dict(self.model.state_dict())
+            self._at[precision] = e
+        return self._at[precision]
 
 
 class BareModels:
@@ -59,19 +64,27 @@ class BareModels:
         n = len(jpegs) - len(jpegs) % batch or len(jpegs)
         pixels = np.stack([e.pixel_transform(Image.open(io.BytesIO(d))) for d in jpegs[:n]])
         self.images = e.pixels_to_tensor(pixels)  # normalised float (N, 3, H, W): decoding is not timed
-        self.tokens = e.tokenizer(captions[:n])  # token ids (N, 77): tokenizing is not timed
+        self.captions = captions[:n]
+        self.tokens = e.tokenizer(self.captions)  # token ids (N, 77): tokenizing is not timed
 
     @torch.inference_mode()
-    def run(self, batches: int, precision: str = "fp32", towers_only: bool = False) -> tuple[int, float]:
-        """Run ``batches`` forwards (cycling over the data); returns (images, seconds)."""
+    def run(self, batches: int, precision: str = "fp32", towers_only: bool = False,
+            text: str = "context") -> tuple[int, float]:
+        """Run ``batches`` forwards (cycling over the data); returns (images, seconds).
+        ``text="context"``: ``encode_text`` on the 77-token context; ``"own"``: each caption on
+        its own tokens, as curate does (``ClipEmbedder.embed_texts``, tokenizing included)."""
         m = self.models
+        e = m.at(precision)
         n_avail = len(self.images) // self.batch
+        images = self.images.to(e.input_dtype)
         t0 = time.perf_counter()
         for b in range(batches):
             s = (b % n_avail) * self.batch
-            with autocast(precision):
-                img = m.model.encode_image(self.images[s:s + self.batch])
-                txt = m.model.encode_text(self.tokens[s:s + self.batch])
+            img = e.model.encode_image(images[s:s + self.batch])
+            if text == "own":
+                txt = torch.from_numpy(e.embed_texts(self.captions[s:s + self.batch]))
+            else:
+                txt = e.model.encode_text(self.tokens[s:s + self.batch])
             if towers_only:
                 continue
             img = torch.nn.functional.normalize(img.float(), dim=-1)
@@ -99,17 +112,16 @@ class SinglePurposeTools:
     @torch.inference_mode()
     def run(self, batches: int, precision: str = "fp32") -> tuple[int, float]:
         m = self.models
+        e = m.at(precision)
         n_avail = max(1, len(self.jpegs) // self.batch)
         t0 = time.perf_counter()
         for b in range(batches):
             s = (b % n_avail) * self.batch
             chunk, caps = self.jpegs[s:s + self.batch], self.captions[s:s + self.batch]
             for name in ("aesthetic", "pwatermark", "punsafe"):  # one tool per score
-                with autocast(precision):
-                    emb = m.model.encode_image(self._images(chunk))
+                emb = e.model.encode_image(self._images(chunk).to(e.input_dtype))
                 m.heads[name](torch.nn.functional.normalize(emb.float(), dim=-1))
-            with autocast(precision):
-                img = m.model.encode_image(self._images(chunk))
-                txt = m.model.encode_text(m.embedder.tokenizer(caps))
+            img = e.model.encode_image(self._images(chunk).to(e.input_dtype))
+            txt = e.model.encode_text(e.tokenizer(caps))
             (torch.nn.functional.normalize(img.float(), dim=-1) * torch.nn.functional.normalize(txt.float(), dim=-1)).sum(-1)
         return batches * self.batch, time.perf_counter() - t0

@@ -1,19 +1,22 @@
 """Reduced precision and compiled forwards: how far the scores move, and what compile buys.
 
 Deviation: the benchmark's images scored by one model and heads (one Scorer: the same weights)
-with the CLIP towers in fp32 and in bf16 (``torch.autocast``), in this process: the embeddings'
-cosine against fp32 (min, mean), the largest and mean absolute change of each score, and the
+with the CLIP towers in fp32 and in bf16 (open_clip's own mixed precision, what curate runs), in
+this process: the embeddings' cosine against fp32 (min, mean), the largest and mean absolute change of each score, and the
 fraction of rows whose keep/drop decision flips -- under the ``laion-aesthetics-5plus`` preset, and
 under the same rules with each threshold placed at its score's fp32 median (where the most rows
 sit near the cut: the worst case). The model and heads have random weights: the score changes
 say how much bf16 moves a ViT-B/32's output, not what a trained head makes of it.
 
-Compile: ``torch.compile`` of the image tower at the fixed forward size: the time to compile, the
-forward rate with and without, and whether it pays on a typical shard (10,000 images).
+Speed: the image tower at fp32, under ``torch.autocast`` bf16 and in open_clip's bf16, alternated
+(why curate uses the last). Compile: ``torch.compile`` of the bf16 image tower at the fixed
+forward size: the time to compile, the forward rate with and without, and whether it pays on a
+typical shard (10,000 images).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -51,12 +54,13 @@ def run(info: dict, heads: dict, images: int, batch: int) -> dict:
     jpegs, captions = jpegs[:images], captions[:images]
     spec = ScorerSpec(ClipSpec(bdata.CLIP_MODEL, None),
                       {s.name: HeadSpec(s.arch, heads[s.option]) for s in BUILTIN.values() if s.arch})
-    scorer = Scorer(spec, device="cpu")
-    pixels = np.stack([decode(d, scorer.pixel_transform).pixels for d in jpegs])
+    scorers = {"fp32": Scorer(spec, device="cpu")}
+    scorers["bf16"] = Scorer(dataclasses.replace(spec, precision="bf16"), device="cpu")
+    scorers["bf16"].embedder.model.load_state_dict(scorers["fp32"].embedder.model.state_dict())  # same weights
+    pixels = np.stack([decode(d, scorers["fp32"].pixel_transform).pixels for d in jpegs])
 
     def score(precision: str) -> dict:
-        scorer.embedder.precision = precision
-        return scorer.score(pixels, captions, fixed_batch=batch)
+        return scorers[precision].score(pixels, captions, fixed_batch=batch)
 
     say(f"precision: {len(jpegs)} images scored in fp32 and in bf16")
     a, b = score("fp32"), score("bf16")
@@ -79,34 +83,54 @@ def run(info: dict, heads: dict, images: int, batch: int) -> dict:
     say(f"  bf16 vs fp32: min cosine {cos.min():.6f}, flips at the preset {deviation['decision_flips']['laion-aesthetics-5plus']:.4f}, "
         f"at the medians {deviation['decision_flips']['thresholds_at_fp32_medians']:.4f}")
 
-    # compile: the image tower at the fixed forward size, bf16
-    x = scorer.embedder.pixels_to_tensor(pixels[:batch])
-    model = scorer.embedder.model
+    # speed: the image tower at fp32, under autocast bf16, in open_clip's bf16 (alternated)
+    x = scorers["fp32"].embedder.pixels_to_tensor(pixels[:batch])
+    fp32_model, bf16 = scorers["fp32"].embedder.model, scorers["bf16"].embedder
+    xb = x.to(bf16.input_dtype)
 
     def forward_rate(fn, n: int = 3) -> float:
         ts = []
         for _ in range(n):
             t0 = time.perf_counter()
-            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-                fn(x)
+            with torch.inference_mode():
+                fn()
             ts.append(time.perf_counter() - t0)
         return batch / median(ts)
 
-    eager = forward_rate(model.encode_image)
-    compiled_fn = torch.compile(model.encode_image, dynamic=False)
+    def autocast_forward():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fp32_model.encode_image(x)
+
+    ways = {"fp32": lambda: fp32_model.encode_image(x), "autocast_bf16": autocast_forward,
+            "open_clip_bf16": lambda: bf16.model.encode_image(xb)}
+    rates: dict[str, list[float]] = {k: [] for k in ways}
+    for _ in range(2):
+        for k, fn in ways.items():
+            fn()
+            rates[k].append(forward_rate(fn))
+    speed = {k: rnd(v, 2) for k, v in rates.items()}
+    speed["what"] = (f"images/s of the image tower alone, batch {batch}, {torch.get_num_threads()} threads, twice "
+                     "each, alternated: fp32; fp32 weights under torch.autocast(bf16); open_clip's precision='bf16' "
+                     "(bf16 weights and activations, LayerNorm in fp32), which curate runs")
+    say(f"  image tower: fp32 {median(rates['fp32']):.1f}, autocast bf16 {median(rates['autocast_bf16']):.1f}, "
+        f"open_clip bf16 {median(rates['open_clip_bf16']):.1f} images/s")
+
+    # compile: the bf16 image tower at the fixed forward size
+    eager = forward_rate(lambda: bf16.model.encode_image(xb))
+    compiled_fn = torch.compile(bf16.model.encode_image, dynamic=False)
     t0 = time.perf_counter()
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-        compiled_fn(x)
+    with torch.inference_mode():
+        compiled_fn(xb)
     compile_s = time.perf_counter() - t0
-    compiled = forward_rate(compiled_fn)
-    eager_again = forward_rate(model.encode_image)
+    compiled = forward_rate(lambda: compiled_fn(xb))
+    eager_again = forward_rate(lambda: bf16.model.encode_image(xb))
     eager_mean = (eager + eager_again) / 2
     saved_per_shard = SHARD_IMAGES / eager_mean - SHARD_IMAGES / compiled
     say(f"  compile: {compile_s:.1f} s to compile; image tower {eager_mean:.1f} -> {compiled:.1f} images/s")
-    return {"precision_deviation": deviation,
+    return {"precision_deviation": deviation, "precision_speed": speed,
             "compile": {"compile_seconds": round(compile_s, 2), "eager_images_per_s": rnd([eager, eager_again], 2),
                         "compiled_images_per_s": round(compiled, 2), "speedup": round(compiled / eager_mean, 3),
                         "seconds_saved_per_10k_image_shard": round(saved_per_shard, 1),
                         "pays_on_a_shard": bool(saved_per_shard > compile_s),
-                        "what": "image tower only, bf16 autocast, fixed batch; compile time includes the first "
+                        "what": "image tower only, open_clip bf16, fixed batch; compile time includes the first "
                                 "compiled forward"}}
