@@ -80,7 +80,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="diffusers pipeline: local dir, hub id or fsspec URL (required, here or in --config)")
     p.add_argument("--revision", help="model revision (hub models)")
     p.add_argument("--scheduler", help="ddim, pndm, euler, euler_a, dpm++, unipc, lms, heun (default: the model's own)")
-    p.add_argument("--dtype", help="auto (default: float16 on GPU, float32 on CPU), float32, float16, bfloat16")
+    p.add_argument("--dtype", help="auto (default: float16 on GPU, bfloat16 on CPUs with bf16 units, else float32), float32, float16, bfloat16")
     p.add_argument("--device", help="auto (default), cpu, cuda")
     p.add_argument("--batch-size", type=int, help="images per actor call, grouped per identical parameters (default 4)")
     p.add_argument("--num-actors", type=int, help="pipeline actors (default: one per GPU, or sized from CPUs)")

@@ -63,7 +63,8 @@ ERROR_ROWS = {3, 4, 5, 6}
 
 def gen_config(prompts, out, models, **kw):
     base = dict(output=str(out), model=models["sd_model"], prompts=prompts, shard_size=3, batch_size=2,
-                defaults=Defaults(**RUN), progress=False)
+                defaults=Defaults(**RUN), progress=False,
+                dtype="float32")  # the references are float32 diffusers calls
     base.update(kw)
     return GenerateConfig(**base)
 
@@ -161,6 +162,37 @@ def test_scheduler_option_gives_that_schedulers_images(ray_local, tiny_models, t
         assert json.loads(got[f"{key}.json"])["scheduler"] == "EulerDiscreteScheduler" != default_scheduler
 
 
+def test_bfloat16_images_equal_a_direct_bfloat16_call_whatever_the_batch(ray_local, tiny_models, tmp_path):
+    """At a fixed dtype (here bfloat16, what ``--dtype auto`` picks on a CPU with bf16 units) the
+    per-seed promise holds bit for bit: the direct call's pixels, at any --batch-size."""
+    from diffusers import StableDiffusionPipeline
+
+    prompts = tmp_path / "p.jsonl"
+    rows = [{"prompt": "a red bicycle", "seed": 7}, {"prompt": "a quiet harbour", "seed": 8},
+            {"prompt": "a lone tree", "seed": 9}]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for batch in (1, 3):
+        run_generate(gen_config(str(prompts), tmp_path / f"out{batch}", tiny_models, watermark=False,
+                                dtype="bfloat16", batch_size=batch), **QUIET)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_models["sd_model"], dtype=torch.bfloat16)
+    pipe.set_progress_bar_config(disable=True)
+    fp32 = StableDiffusionPipeline.from_pretrained(tiny_models["sd_model"])
+    fp32.set_progress_bar_config(disable=True)
+    for batch in (1, 3):
+        got = all_members(tmp_path / f"out{batch}")
+        for i, row in enumerate(rows):
+            key = f"{i:08d}"
+            args = dict(num_inference_steps=RUN["num_inference_steps"], guidance_scale=RUN["guidance_scale"],
+                        width=RUN["width"], height=RUN["height"])
+            ref = pipe(row["prompt"], generator=torch.Generator("cpu").manual_seed(row["seed"]), **args).images[0]
+            ours = np.asarray(Image.open(io.BytesIO(got[f"{key}.png"])))
+            assert np.array_equal(ours, np.asarray(ref)), (batch, key)
+            assert json.loads(got[f"{key}.json"])["dtype"] == "bfloat16"
+            if batch == 1 and i == 0:  # and bf16 really ran: float32 makes other pixels
+                other = fp32(row["prompt"], generator=torch.Generator("cpu").manual_seed(row["seed"]), **args).images[0]
+                assert not np.array_equal(ours, np.asarray(other))
+
+
 def test_from_captions_uses_the_shards_captions_as_prompts(ray_local, tiny_models, sample, tmp_path):
     """--from-captions SHARDS: one image per sample with a caption, the caption as its prompt, keys
     linking back to the source sample."""
@@ -236,7 +268,7 @@ def test_watermark_decodes_and_curate_reads_generated_shards_back(ray_local, tin
 
 def test_augment_variants_dropout_buckets_and_bad_sources(ray_local, tiny_models, sample, tmp_path):
     cfg = GenerateConfig(output=str(tmp_path / "aug"), model=tiny_models["sd_model"], input=sample["shards"][0],
-                         variants=2, strength=0.5, caption_dropout=0.5, buckets=True, bucket_area=64 * 64,
+                         variants=2, strength=0.5, caption_dropout=0.5, buckets=True, bucket_area=64 * 64, dtype="float32",
                          defaults=Defaults(num_inference_steps=2, seed=5), batch_size=4, progress=False)
     stats = run_augment(cfg, **QUIET)
     index = pq.read_table(tmp_path / "aug" / "00000.parquet").to_pylist()

@@ -136,7 +136,8 @@ def main_rows(gm, wds_key):
 
 def gen_cfg(prompts, out, model, **kw):
     base = dict(output=str(out), model=model, prompts=prompts, shard_size=8, batch_size=8, num_actors=1,
-                watermark=False, progress=False, defaults=Defaults(num_inference_steps=STEPS, width=64, height=64, seed=3))
+                watermark=False, progress=False, defaults=Defaults(num_inference_steps=STEPS, width=64, height=64, seed=3),
+                dtype="float32")  # the references are float32 diffusers calls
     base.update(kw)
     return GenerateConfig(**base)
 
@@ -323,7 +324,7 @@ def test_adapters_are_loaded_once_and_leave_no_trace(generation_models):
     from shardsmith.filters.diffusion import AdapterError, Diffuser, DiffusionSpec, Request
 
     gm = generation_models
-    dif = Diffuser(DiffusionSpec(gm["sd_model"]))
+    dif = Diffuser(DiffusionSpec(gm["sd_model"], dtype="float32"))
 
     def req(prompt, seed, loras=(), tis=()):
         return Request("txt2img", prompt, None, seed, STEPS, 7.5, 64, 64, loras=loras, textual_inversions=tis)
@@ -365,7 +366,7 @@ def test_dedicated_inpainting_model(generation_models, data, refs):
     tasks = plan_tasks(pa.Table.from_pylist([{c: r.get(c) for c in cols} for r in rows]),
                        Defaults(num_inference_steps=STEPS, width=64, height=64))
     resolve_sources(tasks, str(data))
-    stage = GenerateStage(DiffusionSpec(model), "cpu", torch.get_num_threads(), False)
+    stage = GenerateStage(DiffusionSpec(model, dtype="float32"), "cpu", torch.get_num_threads(), False)
     assert stage.diffuser.inpainting_unet
     out = stage({"shard": np.array(["0"] * 3, dtype=object), "row": np.arange(3),
                  "key": np.array([t.key for t in tasks], dtype=object),
@@ -451,7 +452,7 @@ def test_safety_checker_verdicts_are_recorded_and_flagged_images_never_written(r
     # off: nothing is checked, every image is written, and equals a pipeline without the checker
     from shardsmith.filters.diffusion import Diffuser, DiffusionSpec, Request
 
-    dif = Diffuser(DiffusionSpec(model, safety_checker="off"))
+    dif = Diffuser(DiffusionSpec(model, safety_checker="off", dtype="float32"))
     assert not dif.safety_checker
     made = dif.run([Request("txt2img", rows[int(flagged[0][1:])]["prompt"], None, int(flagged[0][1:]), STEPS, 7.5, 64, 64)])[0]
     assert made.nsfw is None
@@ -500,7 +501,7 @@ def test_augment_structure_preserving_variants_with_a_controlnet(ray_local, gene
 
     gm = generation_models
     cfg = GenerateConfig(output=str(tmp_path / "aug"), model=gm["sd_model"], input=sample["shards"][1], variants=1,
-                         strength=0.5, max_side=64, limit=3, num_actors=1, watermark=False, progress=False,
+                         strength=0.5, max_side=64, limit=3, num_actors=1, watermark=False, progress=False, dtype="float32",
                          defaults=Defaults(num_inference_steps=STEPS, seed=5, controlnet=gm["controlnet"],
                                            control="canny"))
     stats = run_augment(cfg, **QUIET)
