@@ -38,11 +38,11 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-# Sized so that the whole run takes ~15 minutes on 2 cores, and each curate run is long enough
-# (~2 minutes) for its fixed costs (actor start and model load) to be a few percent.
+# Sized so that the whole run takes ~20 minutes on 2 cores, and each 10x curate run is long enough
+# (~1 minute at bf16) for its fixed costs (actor start and model load, ~6 s) to be a few percent.
 SIZES = {
-    "default": {"shards": 10, "per_shard": 64, "meta_files": 4, "meta_rows": 1_000_000, "gen_images": 40,
-                "gen_direct": 6, "gen_steps": 12, "gen_size": 256, "scaleout_shards": 8, "fast_images": 64,
+    "default": {"shards": 10, "per_shard": 192, "meta_files": 4, "meta_rows": 1_000_000, "gen_images": 40,
+                "gen_direct": 6, "gen_steps": 12, "gen_size": 256, "scaleout_shards": 4, "fast_images": 64,
                 "dedup_rows": 50_000, "dedup_dim": 64, "dedup_rate_rows": 100_000, "dedup_rate_dim": 768},
     "quick": {"shards": 2, "per_shard": 64, "meta_files": 2, "meta_rows": 100_000, "gen_images": 4,
               "gen_direct": 2, "gen_steps": 2, "gen_size": 64, "scaleout_shards": 2, "fast_images": 64,
