@@ -25,9 +25,9 @@ mean of the references just before and just after it; the figure is the median.
   precision on ready tensors.
 - ``speedup_vs_single_purpose``: curate / four single-purpose tools at curate's precision.
 - ``memory``: the driver's peak RSS over its own idle baseline, at 10x the data / at 1x, the
-  median of two runs each (the driver holds no model, so a growth is the driver's; a single run's
-  increment is ~10-30 MiB, where allocator noise is a few MiB); the Ray workers' peak over the
-  idle cluster's, as bytes per row between 1x and 10x.
+  median of two runs each (the driver holds no model, so a growth is the driver's; a run's
+  increment was 8-20 MiB here, and two runs of one size differed by up to 9 MiB); the Ray
+  workers' peak over the idle cluster's, as bytes per row between 1x and 10x.
 
 A curate run is timed end to end: ``run_curate()`` from its call to its return (driver checks,
 planning, manifest, actor start and model load, read, decode, score, writers, commits); Ray is
@@ -114,9 +114,10 @@ def run(info: dict, heads: dict, work: str, batch: int, quick: bool = False) -> 
 
     say(f"scoring: warm-up ({batch} images, {threads} torch threads in this process)")
     bare.run(1)
-    # The warm-up is a 10x run: it learns curate's default precision, warms the page cache, and takes the
-    # driver's one-time costs of a run with many read and write tasks (measured: the first 10x run in a
-    # process peaked 15 MiB over idle, the next ones 4-9 MiB, the 1x runs 6-8 MiB): not per-row growth.
+    # The warm-up is a 10x run: it learns curate's default precision, warms the page cache, and takes
+    # the driver's one-time costs of a first run with many read and write tasks (measured in one
+    # process: 15 MiB over idle for the first 10x run, 4-9 MiB for the next, 6-8 MiB at 1x; the full
+    # bench of 2026-12-02 still saw 19.8 MiB for a 10x run after it, so the spread is not all warm-up).
     warm = curate(ten)
     bare.run(1, precision["value"])
     measure_refs()
