@@ -206,8 +206,9 @@ def _quiet_libraries() -> None:
 
 def pick_dtype(name: str, device: str) -> torch.dtype:
     """``auto``: float16 on CUDA; bfloat16 on a CPU with bf16 units (AVX512-BF16 or AMX), where the
-    tiny-SD bench ran 1.5x faster than float32 (bench/generation.py); float32 elsewhere. The dtype
-    used is recorded per image (KEY.json): ``regenerate`` makes it again in that dtype."""
+    benchmark's SD pipeline ran 1.4-1.5x faster than float32 called directly (generate end to end
+    did not gain yet: README, Performance); float32 elsewhere. The dtype used is recorded per
+    image (KEY.json): ``regenerate`` makes it again in that dtype."""
     if name == "auto":
         if device.startswith("cuda"):
             return torch.float16
