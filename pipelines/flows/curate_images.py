@@ -42,9 +42,8 @@ def build_dataset(shards: list[InputShard], cfg: CurateConfig, spec, pixel_trans
     decode. ``read_fn`` replaces the tar reader (urls mode: download, then read the downloaded tar;
     on GPUs decode is then a stage of its own)."""
     import ray
-    from ray.data import ActorPoolStrategy
 
-    from shardsmith.pipelines.core.resources import TASK_STAGE_ARGS
+    from shardsmith.pipelines.core.resources import TASK_STAGE_ARGS, actor_pool
     from shardsmith.pipelines.stages.decode import decode_batch
     from shardsmith.pipelines.stages.read import (block_size, pixel_block_bytes, read_batch_rows, read_decode_rows,
                                                   read_shard_rows, read_tasks, sample_block_bytes)
@@ -89,8 +88,8 @@ def build_dataset(shards: list[InputShard], cfg: CurateConfig, spec, pixel_trans
         # Start the whole pool at once: Ray Data spreads the actors over the nodes, and a pool that
         # starts at one actor only grows under backpressure, which a small run never builds.
         # On CPU one block in flight per actor (see cpu_pool_context).
-        compute=ActorPoolStrategy(min_size=1, max_size=plan.num_actors, initial_size=plan.num_actors,
-                                  max_tasks_in_flight_per_actor=1 if plan.decode_in_actor else None),
+        compute=actor_pool(plan.num_actors, initial_size=plan.num_actors,
+                           max_tasks_in_flight_per_actor=1 if plan.decode_in_actor else None),
         # On CPU, one read batch per call (whole blocks: a forward batch of samples plus the rows
         # that need none), so that no forward is padded but the last; Ray Data refuses whole
         # blocks for GPU stages, where a padded forward also costs far less.

@@ -48,10 +48,10 @@ def diffuse_and_write(ds, stage, stage_args: tuple, plan, cfg: GenerateConfig, p
     """``stage`` (one diffusers pipeline per actor) over ``ds``; each complete shard is handed to a
     writer task that commits it."""
     import ray
-    from ray.data import ActorPoolStrategy
 
-    ds = ds.map_batches(stage, fn_constructor_args=stage_args,
-                        compute=ActorPoolStrategy(min_size=1, max_size=plan.num_actors),
+    from shardsmith.pipelines.core.resources import actor_pool
+
+    ds = ds.map_batches(stage, fn_constructor_args=stage_args, compute=actor_pool(plan.num_actors),
                         batch_size=rows_per_call or cfg.batch_size, num_cpus=plan.actor_cpus,
                         num_gpus=plan.actor_gpus)
     writer = ray.remote(num_cpus=plan.write_cpus, max_retries=3)(write_generated_shard)
