@@ -206,8 +206,8 @@ def _quiet_libraries() -> None:
 
 def pick_dtype(name: str, device: str) -> torch.dtype:
     """``auto``: float16 on CUDA; bfloat16 on a CPU with bf16 units (AVX512-BF16 or AMX), where the
-    benchmark's SD pipeline ran 1.4-1.5x faster than float32 called directly (generate end to end
-    did not gain yet: README, Performance); float32 elsewhere. The dtype used is recorded per
+    benchmark's SD pipeline ran 1.29-1.34x faster than float32 called directly and generate end
+    to end 1.33x (README, Performance); float32 elsewhere. The dtype used is recorded per
     image (KEY.json): ``regenerate`` makes it again in that dtype."""
     if name == "auto":
         if device.startswith("cuda"):
