@@ -53,6 +53,23 @@ def rss_bytes(pid: int) -> int:
     return 0
 
 
+def release_free_heap() -> bool:
+    """Collect garbage and give the C heap's free pages back to the OS (glibc ``malloc_trim``), so
+    that an RSS read next counts live memory, not what earlier work freed but the allocator kept.
+    Without it an idle baseline holds a varying amount of such free memory, which the next run
+    reuses without growing its RSS: its "peak over idle" then depends on what ran before it (driver
+    increments of 3 to 20 MiB for the same run here) more than on the run. True when trimmed."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        return True
+    except (OSError, AttributeError):  # not glibc
+        return False
+
+
 def tree_rss(root: int, exclude_root: bool = False) -> tuple[int, int]:
     """(summed RSS in bytes, number of processes) of ``root`` and its descendants (without
     ``root`` itself with ``exclude_root``)."""

@@ -25,9 +25,13 @@ mean of the references just before and just after it; the figure is the median.
   precision on ready tensors.
 - ``speedup_vs_single_purpose``: curate / four single-purpose tools at curate's precision.
 - ``memory``: the driver's peak RSS over its own idle baseline, at 10x the data / at 1x, the
-  median of two runs each (the driver holds no model, so a growth is the driver's; a run's
-  increment was 8-20 MiB here, and two runs of one size differed by up to 9 MiB); the Ray
-  workers' peak over the idle cluster's, as bytes per row between 1x and 10x.
+  median of two runs each (the driver holds no model, so a growth is the driver's); the Ray
+  workers' peak over the idle cluster's, as bytes per row between 1x and 10x. The idle baseline
+  is taken after ``gc.collect()`` and ``malloc_trim``: without them it held whatever earlier work
+  had freed but the allocator kept, and a run's increment (3-20 MiB for one same-size run) said
+  more about what ran before it than about the run. Sampled every 50 ms in one process, after the
+  trim: the driver's increment (20-29 MiB) is there within the first second of a run and stays
+  flat to the end, at 192 and at 1,920 images alike.
 
 A curate run is timed end to end: ``run_curate()`` from its call to its return (driver checks,
 planning, manifest, actor start and model load, read, decode, score, writers, commits); Ray is
@@ -43,7 +47,7 @@ import time
 from bench import data as bdata
 from bench.loops import BareModels, Models, SinglePurposeTools
 from bench.measure import figure, load_average, median, paired_ratios, rnd, say
-from bench.procmem import PeakRss, rss_bytes, tree_rss
+from bench.procmem import PeakRss, release_free_heap, rss_bytes, tree_rss
 
 
 def curate_run(info: dict, shards: int, out: str, heads: dict, batch: int, **extra) -> dict:
@@ -55,6 +59,7 @@ def curate_run(info: dict, shards: int, out: str, heads: dict, batch: int, **ext
     cfg = CurateConfig(input=bdata.shard_urls(info, 0, shards), output=out, clip_model=bdata.CLIP_MODEL,
                        clip_pretrained=None, batch_size=batch, report=False, progress=False, **heads, **extra)
     load = load_average()
+    trimmed = release_free_heap()
     driver_idle = rss_bytes(os.getpid())
     workers_idle, _ = tree_rss(os.getpid(), exclude_root=True)
     with PeakRss(split_root=True) as mem:
@@ -68,7 +73,7 @@ def curate_run(info: dict, shards: int, out: str, heads: dict, batch: int, **ext
             "precision": (stats.get("precision") or ["fp32"])[0],
             "driver_peak_over_idle_bytes": mem.root_peak - driver_idle,
             "workers_peak_over_idle_bytes": mem.peak - workers_idle,
-            "processes_at_peak": mem.peak_processes, "load_average_before": load}
+            "processes_at_peak": mem.peak_processes, "load_average_before": load, "driver_heap_trimmed": trimmed}
 
 
 def run(info: dict, heads: dict, work: str, batch: int, quick: bool = False) -> dict:
@@ -181,8 +186,8 @@ def run(info: dict, heads: dict, work: str, batch: int, quick: bool = False) -> 
                                           "10x": [r["workers_peak_over_idle_bytes"] for r in c10]},
             workers_bytes_per_row=round(per_row), images={"1x": rows1, "10x": rows10},
             warm_up_run={k: (rnd(v) if isinstance(v, float) else v) for k, v in warm.items()},
-            what="the driver's peak RSS over its idle RSS at 10x the data / at 1x, the median of two runs each (the "
-                 "driver holds no model: its growth is per-row state); beside it that growth per row, and the Ray "
+            what="the driver's peak RSS over its idle RSS (taken after gc.collect() and malloc_trim) at 10x the data / "
+                 "at 1x, the median of two runs each (the driver holds no model: its growth is per-row state); beside it that growth per row, and the Ray "
                  "workers' peak (summed RSS of every Ray process, shared pages counted per process) over the idle "
                  "cluster's and its growth per row between 1x and 10x"),
     }
