@@ -104,3 +104,54 @@ def run(sd_dir: str, work: str, images: int, direct_images: int, steps: int, siz
             images=images, steps=steps, size=f"{size}x{size}",
             what="generate end to end at --dtype bfloat16 / at --dtype float32, same images and seeds, alternating "
                  "fp32, bf16, fp32")}
+
+
+def unet_compile(sd_dir: str, steps: int, size: int, images: int = 6) -> dict:
+    """``extras.unet_compile``: the bf16 pipeline with its UNet compiled (``generate --compile``)
+    against the same pipeline eager, called directly in this process with torch's default threads,
+    alternating eager, compiled, eager on the same prompts and seeds. The first compiled call pays
+    the compile; ``break_even_images`` is how many images an actor must make before the compile
+    has paid for itself (None: it never does). The deviation is the largest pixel difference
+    between the two sides' images (0-255)."""
+    import numpy as np
+
+    from shardsmith.filters.diffusion import Diffuser, DiffusionSpec
+
+    rows = [(PROMPTS[i % len(PROMPTS)], 2000 + i) for i in range(images)]
+    guidance = 7.5
+    say(f"extra: generate --compile, the UNet compiled vs eager ({steps} steps, {size}x{size}, bf16)")
+    sides = {"eager": Diffuser(DiffusionSpec(sd_dir, dtype="bfloat16")),
+             "compiled": Diffuser(DiffusionSpec(sd_dir, dtype="bfloat16", compile=True))}
+
+    def one(side: str, prompt: str, seed: int):
+        return sides[side].txt2img(prompt, None, seed, steps, guidance, size, size)
+
+    t0 = time.perf_counter()
+    one("eager", *rows[0])
+    eager_first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    one("compiled", *rows[0])
+    compiled_first = time.perf_counter() - t0
+    say(f"  first image: eager {eager_first:.1f} s, compiled {compiled_first:.1f} s (the compile)")
+    rates: dict[str, list[float]] = {"eager": [], "compiled": []}
+    made: dict[str, list] = {"eager": [], "compiled": []}
+    for side in ("eager", "compiled", "eager"):
+        t0 = time.perf_counter()
+        out = [one(side, p, s) for p, s in rows]
+        rates[side].append(images / (time.perf_counter() - t0))
+        made[side] = made[side] or out
+        say(f"  {side}: {images} images at {rates[side][-1]:.3f} images/s")
+    eager_s = 1 / median(rates["eager"])
+    compiled_s = 1 / rates["compiled"][0]
+    compile_s = compiled_first - eager_first
+    gain = eager_s - compiled_s
+    diff = max(int(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max())
+               for a, b in zip(made["eager"], made["compiled"]))
+    return {"unet_compile": {
+        "speedup": rnd(eager_s / compiled_s, 4), "eager_images_per_s": rnd(rates["eager"], 4),
+        "compiled_images_per_s": rnd(rates["compiled"], 4), "compile_seconds": round(compile_s, 1),
+        "break_even_images": round(compile_s / gain) if gain > 0 else None, "max_pixel_difference": diff,
+        "images": images, "steps": steps, "size": f"{size}x{size}", "torch_threads": torch.get_num_threads(),
+        "what": "the bf16 pipeline called directly with its UNet torch.compile'd (dynamic=False) / the same pipeline "
+                "eager, alternating eager, compiled, eager; compile_seconds: the first compiled image's time over "
+                "the first eager image's"}}

@@ -13,7 +13,7 @@ does, then measures, each side by side with its reference on the same data:
 7. cli_help_seconds: ``shardsmith [SUBCOMMAND] --help`` as a new process  (bench/cli_help.py)
 
 plus ``--fast-decode``'s speed and deviation (bench/fast_decode.py), bf16's deviation and
-``torch.compile``'s gain (bench/precision.py), and the cost of LAION's watermark model, a second
+``torch.compile``'s gain (bench/precision.py), ``generate --compile``'s (bench/generation.py), and the cost of LAION's watermark model, a second
 forward on its own input (bench/watermark_effnet.py). Writes ``bench/results.json`` and
 ``bench/results.md`` after every figure; exits 1 when a figure misses its target or fails.
 
@@ -42,11 +42,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # (~1 minute at bf16) for its fixed costs (actor start and model load, ~6 s) to be a few percent.
 SIZES = {
     "default": {"shards": 10, "per_shard": 192, "meta_files": 4, "meta_rows": 1_000_000, "gen_images": 40,
-                "gen_direct": 6, "gen_steps": 12, "gen_size": 256, "scaleout_shards": 4, "fast_images": 64,
-                "dedup_rows": 50_000, "dedup_dim": 64, "dedup_rate_rows": 100_000, "dedup_rate_dim": 768},
+                "gen_direct": 6, "gen_compile_images": 6, "gen_steps": 12, "gen_size": 256, "scaleout_shards": 4,
+                "fast_images": 64, "dedup_rows": 50_000, "dedup_dim": 64, "dedup_rate_rows": 100_000,
+                "dedup_rate_dim": 768},
     "quick": {"shards": 2, "per_shard": 64, "meta_files": 2, "meta_rows": 100_000, "gen_images": 4,
-              "gen_direct": 2, "gen_steps": 2, "gen_size": 64, "scaleout_shards": 2, "fast_images": 64,
-              "dedup_rows": 2_000, "dedup_dim": 32, "dedup_rate_rows": 4_000, "dedup_rate_dim": 64},
+              "gen_direct": 2, "gen_compile_images": 2, "gen_steps": 2, "gen_size": 64, "scaleout_shards": 2,
+              "fast_images": 64, "dedup_rows": 2_000, "dedup_dim": 32, "dedup_rate_rows": 4_000,
+              "dedup_rate_dim": 64},
 }
 STEPS = ("cli", "scoring", "metadata", "generation", "batch_forward", "fast_decode", "precision", "watermark",
          "recurate", "scaleout", "dedup")
@@ -139,6 +141,13 @@ def main(argv: list[str] | None = None) -> int:
                 say("figures: generate vs a direct diffusers loop; generate at bf16 vs fp32")
                 attempt("generation", lambda: generation.run(sd_dir, args.work, size["gen_images"],
                                                              size["gen_direct"], size["gen_steps"], size["gen_size"]))
+
+                def uc():
+                    results.doc["extras"].update(generation.unet_compile(sd_dir, size["gen_steps"], size["gen_size"],
+                                                                         size["gen_compile_images"]))
+                    return {}  # an extra, not a figure
+
+                attempt("unet_compile", uc)
             if "batch_forward" in steps:
                 from bench import batch_forward
 

@@ -74,6 +74,7 @@ class DiffusionSpec:
     scheduler: str | None = None  # None: the model's own
     dtype: str = "auto"  # auto: float16 on CUDA, bfloat16 on a CPU with bf16 units, else float32
     safety_checker: str = "auto"  # auto: on where the model ships one; on (the model must have one); off
+    compile: bool = False  # torch.compile the base pipeline's UNet (dynamic=False); see Diffuser
 
     def validate(self) -> None:
         if self.scheduler and self.scheduler not in SCHEDULERS:
@@ -289,6 +290,12 @@ class Diffuser:
             cls = getattr(diffusers, SCHEDULERS[spec.scheduler])
             pipe.scheduler = cls.from_config(pipe.scheduler.config)
         self.t2i = self._ready(pipe).to(device)
+        if spec.compile:
+            # In place: the img2img, inpainting and ControlNet pipelines made from this one share the
+            # UNet, so they run it compiled too (a new input signature compiles once more). The
+            # compiled UNet fuses operations, so its images differ from eager's in the last bits:
+            # KEY.json records it, and regenerate compiles too. A refiner's UNet stays eager.
+            pipe.unet.compile(dynamic=False)
         self.safety_checker = getattr(pipe, "safety_checker", None) is not None
         if spec.safety_checker == "on" and not self.safety_checker:
             raise DiffusionError(f"--safety-checker on: {spec.model} has no safety checker")
@@ -508,7 +515,7 @@ class Diffuser:
         return {"model": self.spec.model, "model_revision": self.spec.revision, "model_fingerprint": self.fingerprint,
                 "model_components": self.components, "pipeline": type(self.t2i).__name__,
                 "scheduler": self.scheduler_name, "dtype": str(self.dtype).replace("torch.", ""),
-                "safety_checker": self.safety_checker}
+                "safety_checker": self.safety_checker, **({"unet_compiled": True} if self.spec.compile else {})}
 
 
 def describe_model(spec: DiffusionSpec) -> dict:

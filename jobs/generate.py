@@ -56,7 +56,8 @@ def _columns(text: str) -> tuple[str, ...]:
 # CLI flag -> config key (``defaults.*``: the per-row defaults of the prompt table); a flag not
 # given leaves the --config file's value, or the default, in place.
 MODEL_FLAGS = {
-    "model": "model", "revision": "revision", "scheduler": "scheduler", "dtype": "dtype", "device": "device",
+    "model": "model", "revision": "revision", "scheduler": "scheduler", "dtype": "dtype", "compile": "compile",
+    "device": "device",
     "batch_size": "batch_size", "num_actors": "num_actors", "actor_cpus": "actor_cpus", "threads": "threads",
     "steps": "defaults.num_inference_steps", "guidance": "defaults.guidance_scale",
     "negative_prompt": "defaults.negative_prompt", "seed": "defaults.seed",
@@ -81,6 +82,10 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--revision", help="model revision (hub models)")
     p.add_argument("--scheduler", help="ddim, pndm, euler, euler_a, dpm++, unipc, lms, heun (default: the model's own)")
     p.add_argument("--dtype", help="auto (default: float16 on GPU, bfloat16 on CPUs with bf16 units, else float32), float32, float16, bfloat16")
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the UNet (dynamic=False): compiles once per actor and input shape; images "
+                        "differ from eager's in the last bits (KEY.json: unet_compiled). Off by default: measured "
+                        "in `make bench` (README, Performance)")
     p.add_argument("--device", help="auto (default), cpu, cuda")
     p.add_argument("--batch-size", type=int, help="images per actor call, grouped per identical parameters (default 4)")
     p.add_argument("--num-actors", type=int, help="pipeline actors (default: one per GPU, or sized from CPUs)")

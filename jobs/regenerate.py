@@ -77,7 +77,8 @@ def regenerate(record: dict, model: str | None = None, device: str = "auto"):
     threads = threads or torch.get_num_threads()
     scheduler = next((k for k, v in SCHEDULERS.items() if v == record.get("scheduler")), None)
     spec = DiffusionSpec(model or record["model"], record.get("model_revision"), scheduler,
-                         record.get("dtype") or "auto", "on" if record.get("safety_checker") else "off")
+                         record.get("dtype") or "auto", "on" if record.get("safety_checker") else "off",
+                         bool(record.get("unet_compiled")))
     watermark = bool(record.get("watermark")) and record["watermark"].get("applied", True)
     stage = GenerateStage(spec, device, threads, watermark)
     tasks, forward = [task], record.get("forward")

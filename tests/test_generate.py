@@ -193,6 +193,34 @@ def test_bfloat16_images_equal_a_direct_bfloat16_call_whatever_the_batch(ray_loc
                 assert not np.array_equal(ours, np.asarray(other))
 
 
+def test_compiled_unet_is_recorded_and_regenerate_compiles_too(ray_local, tiny_models, tmp_path, capsys):
+    """--compile: the actors run the UNet torch.compile'd, KEY.json says so, the image stays within
+    a pixel level or two of the eager call's, and regenerate (which compiles, as the record says)
+    makes it again bit for bit."""
+    from diffusers import StableDiffusionPipeline
+    from torch._dynamo.utils import counters
+
+    from shardsmith.jobs.regenerate import main
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "a red bicycle", "seed": 7}) + "\n")
+    out = tmp_path / "out"
+    run_generate(gen_config(str(prompts), out, tiny_models, watermark=False, compile=True, batch_size=1), **QUIET)
+    got = all_members(out)
+    record = json.loads(got["00000000.json"])
+    assert record["unet_compiled"] is True and record["dtype"] == "float32"
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_models["sd_model"])
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe("a red bicycle", generator=torch.Generator("cpu").manual_seed(7), num_inference_steps=RUN["num_inference_steps"],
+               guidance_scale=RUN["guidance_scale"], width=RUN["width"], height=RUN["height"]).images[0]
+    ours = np.asarray(Image.open(io.BytesIO(got["00000000.png"])), dtype=np.int16)
+    assert np.abs(ours - np.asarray(ref, dtype=np.int16)).max() <= 4
+    frames = counters["frames"]["ok"]
+    assert main([str(out / "00000.tar"), "00000000"]) == 0, capsys.readouterr()
+    assert "00000000: bit-identical" in capsys.readouterr().out
+    assert counters["frames"]["ok"] > frames  # regenerate compiled the UNet (this process's dynamo counters)
+
+
 def test_from_captions_uses_the_shards_captions_as_prompts(ray_local, tiny_models, sample, tmp_path):
     """--from-captions SHARDS: one image per sample with a caption, the caption as its prompt, keys
     linking back to the source sample."""

@@ -23,6 +23,7 @@ class GenerateConfig:
     revision: str | None = None
     scheduler: str | None = None
     dtype: str = "auto"
+    compile: bool = False  # torch.compile the UNet: part of each image's recipe (KEY.json: unet_compiled)
     device: str = "auto"
     batch_size: int = 4  # images per actor call, grouped per identical parameter set
     shard_size: int = 100  # images per output shard (generate)
@@ -135,4 +136,4 @@ class GenerateConfig:
 
 
 _FIRST_DEFAULTS = ("negative_prompt", "num_inference_steps", "guidance_scale", "width", "height", "num_images", "seed")
-_LATER = {"images": None, "extra_columns": (), "safety_checker": "auto", "batch_forward": False}
+_LATER = {"images": None, "extra_columns": (), "safety_checker": "auto", "batch_forward": False, "compile": False}

@@ -35,7 +35,7 @@ def diffusion_spec(cfg: GenerateConfig):
     from shardsmith.errors import ConfigError
     from shardsmith.filters.diffusion import DiffusionSpec, resolve_model, ships_safety_checker
 
-    spec = DiffusionSpec(cfg.model, cfg.revision, cfg.scheduler, cfg.dtype, cfg.safety_checker)
+    spec = DiffusionSpec(cfg.model, cfg.revision, cfg.scheduler, cfg.dtype, cfg.safety_checker, cfg.compile)
     spec.validate()
     if spec.safety_checker == "on" and ships_safety_checker(resolve_model(spec.model)) is False:
         raise ConfigError(f"safety_checker on: {cfg.model} ships no safety checker (its model_index.json)")
