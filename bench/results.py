@@ -41,10 +41,14 @@ def machine() -> dict:
         diffusers_version = diffusers.__version__
     except ImportError:
         diffusers_version = None
-    cpu_model = None
-    try:
+    cpu_model, cpu_id, cpu_flags = None, None, []
+    try:  # a VM's "model name" may hide the generation; family/model/stepping and the flags do not
         with open("/proc/cpuinfo") as f:
-            cpu_model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+            info = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line)
+        info = {k.strip(): v.strip() for k, v in info.items()}
+        cpu_model = info.get("model name")
+        cpu_id = "/".join(info.get(k, "?") for k in ("cpu family", "model", "stepping"))
+        cpu_flags = sorted(f for f in info.get("flags", "").split() if f.startswith(("avx512", "amx")))
     except OSError:
         pass
     mem = None
@@ -53,7 +57,8 @@ def machine() -> dict:
             mem = int(next(line for line in f if line.startswith("MemTotal")).split()[1]) * 1024
     except (OSError, StopIteration):
         pass
-    return {"cpu_count": os.cpu_count(), "cpu_model": cpu_model, "memory_bytes": mem,
+    return {"cpu_count": os.cpu_count(), "cpu_model": cpu_model, "cpu_family_model_stepping": cpu_id,
+            "cpu_flags": cpu_flags, "memory_bytes": mem,
             "platform": platform.platform(), "python": platform.python_version(),
             "versions": {"torch": torch.__version__, "ray": ray.__version__, "open_clip": open_clip.__version__,
                          "pillow": PIL.__version__, "pyarrow": pyarrow.__version__, "numpy": numpy.__version__,
@@ -107,10 +112,17 @@ def _pair(f: dict) -> str:
     return "; ".join(out)
 
 
+def _cpu(m: dict) -> str:
+    if not m.get("cpu_family_model_stepping"):  # results written before these were recorded
+        return str(m["cpu_model"])
+    return (f"{m['cpu_model']}, family/model/stepping {m['cpu_family_model_stepping']}, "
+            f"{' '.join(m.get('cpu_flags') or []) or 'no AVX-512'}")
+
+
 def markdown(doc: dict) -> str:
     m = doc["machine"]
     lines = [f"# shardsmith benchmark ({doc['started_at']}, {doc.get('duration_s', 0):.0f} s)", "",
-             f"Machine: {m['cpu_count']} CPU ({m['cpu_model']}), {round((m['memory_bytes'] or 0) / 2**30)} GiB; "
+             f"Machine: {m['cpu_count']} CPU ({_cpu(m)}), {round((m['memory_bytes'] or 0) / 2**30)} GiB; "
              f"load average at start {doc['load_average_at_start']}, at the end {doc.get('load_average_now')}; "
              f"torch {m['versions']['torch']}, ray {m['versions']['ray']}, open_clip {m['versions']['open_clip']}.",
              "", "| figure | what | value | target | pass | measured (side by side) |", "|---|---|---|---|---|---|"]
