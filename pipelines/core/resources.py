@@ -166,6 +166,7 @@ def actor_pool(num_actors: int, initial_size: int | None = None, max_tasks_in_fl
                              max_tasks_in_flight_per_actor=max_tasks_in_flight_per_actor,
                              enable_true_multi_threading=True)
 
+
 THREADS_PER_CPU_ACTOR = 8  # a node with more cores gets more actors (each holds a copy of the model)
 
 
