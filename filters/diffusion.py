@@ -205,6 +205,18 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def _quiet_compiler() -> None:
+    """torch.compile of a diffusers UNet warns per compile about diffusers' own version checks
+    (``is_torch_version`` is lru_cache-wrapped: Dynamo traces through it, harmlessly) and, on a
+    machine without CUDA, logs that none was found: neither is the user's to act on."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"Dynamo detected a call to a `functools.lru_cache`",
+                            category=UserWarning)
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
+
 def pick_dtype(name: str, device: str) -> torch.dtype:
     """``auto``: float16 on CUDA; bfloat16 on a CPU with bf16 units (AVX512-BF16 or AMX), where the
     benchmark's SD pipeline ran 1.29-1.34x faster than float32 called directly and generate end
@@ -295,6 +307,7 @@ class Diffuser:
             # UNet, so they run it compiled too (a new input signature compiles once more). The
             # compiled UNet fuses operations, so its images differ from eager's in the last bits:
             # KEY.json records it, and regenerate compiles too. A refiner's UNet stays eager.
+            _quiet_compiler()
             pipe.unet.compile(dynamic=False)
         self.safety_checker = getattr(pipe, "safety_checker", None) is not None
         if spec.safety_checker == "on" and not self.safety_checker:

@@ -211,8 +211,9 @@ def test_compiled_unet_is_recorded_and_regenerate_compiles_too(ray_local, tiny_m
     assert record["unet_compiled"] is True and record["dtype"] == "float32"
     pipe = StableDiffusionPipeline.from_pretrained(tiny_models["sd_model"])
     pipe.set_progress_bar_config(disable=True)
-    ref = pipe("a red bicycle", generator=torch.Generator("cpu").manual_seed(7), num_inference_steps=RUN["num_inference_steps"],
-               guidance_scale=RUN["guidance_scale"], width=RUN["width"], height=RUN["height"]).images[0]
+    ref = pipe("a red bicycle", generator=torch.Generator("cpu").manual_seed(7),
+               num_inference_steps=RUN["num_inference_steps"], guidance_scale=RUN["guidance_scale"],
+               width=RUN["width"], height=RUN["height"]).images[0]
     ours = np.asarray(Image.open(io.BytesIO(got["00000000.png"])), dtype=np.int16)
     assert np.abs(ours - np.asarray(ref, dtype=np.int16)).max() <= 4
     frames = counters["frames"]["ok"]
