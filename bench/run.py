@@ -13,8 +13,9 @@ does, then measures, each side by side with its reference on the same data:
 7. cli_help_seconds: ``shardsmith [SUBCOMMAND] --help`` as a new process  (bench/cli_help.py)
 
 plus ``--fast-decode``'s speed and deviation (bench/fast_decode.py), bf16's deviation and
-``torch.compile``'s gain (bench/precision.py), ``generate --compile``'s (bench/generation.py), and the cost of LAION's watermark model, a second
-forward on its own input (bench/watermark_effnet.py). Writes ``bench/results.json`` and
+``torch.compile``'s gain (bench/precision.py), ``generate --compile``'s (bench/generation.py),
+and the cost of LAION's watermark model, a second forward on its own input
+(bench/watermark_effnet.py). Writes ``bench/results.json`` and
 ``bench/results.md`` after every figure; exits 1 when a figure misses its target or fails.
 
     python -m bench.run [--only cli,scoring,metadata,generation,batch_forward,fast_decode,precision,watermark,recurate,

@@ -57,8 +57,8 @@ def _columns(text: str) -> tuple[str, ...]:
 # given leaves the --config file's value, or the default, in place.
 MODEL_FLAGS = {
     "model": "model", "revision": "revision", "scheduler": "scheduler", "dtype": "dtype", "compile": "compile",
-    "device": "device",
-    "batch_size": "batch_size", "num_actors": "num_actors", "actor_cpus": "actor_cpus", "threads": "threads",
+    "device": "device", "batch_size": "batch_size", "num_actors": "num_actors", "actor_cpus": "actor_cpus",
+    "threads": "threads",
     "steps": "defaults.num_inference_steps", "guidance": "defaults.guidance_scale",
     "negative_prompt": "defaults.negative_prompt", "seed": "defaults.seed",
     "no_watermark": ("watermark", lambda v: not v), "address": "address", "overwrite": "overwrite",
