@@ -44,8 +44,8 @@ def machine() -> dict:
     cpu_model, cpu_id, cpu_flags = None, None, []
     try:  # a VM's "model name" may hide the generation; family/model/stepping and the flags do not
         with open("/proc/cpuinfo") as f:
-            info = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line)
-        info = {k.strip(): v.strip() for k, v in info.items()}
+            first_cpu = f.read().split("\n\n")[0].splitlines()
+        info = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in first_cpu if ":" in line)}
         cpu_model = info.get("model name")
         cpu_id = "/".join(info.get(k, "?") for k in ("cpu family", "model", "stepping"))
         cpu_flags = sorted(f for f in info.get("flags", "").split() if f.startswith(("avx512", "amx")))

@@ -187,7 +187,8 @@ def run(info: dict, heads: dict, work: str, batch: int, quick: bool = False) -> 
             workers_bytes_per_row=round(per_row), images={"1x": rows1, "10x": rows10},
             warm_up_run={k: (rnd(v) if isinstance(v, float) else v) for k, v in warm.items()},
             what="the driver's peak RSS over its idle RSS (taken after gc.collect() and malloc_trim) at 10x the data / "
-                 "at 1x, the median of two runs each (the driver holds no model: its growth is per-row state); beside "
-                 "it that growth per row, and the Ray workers' peak (summed RSS of every Ray process, shared pages counted per process) over the idle "
-                 "cluster's and its growth per row between 1x and 10x"),
+                 "at 1x, the median of two runs each (the driver holds no model: growth with the data would be "
+                 "per-row state); beside it that growth per row, and the Ray workers' peak (summed RSS of every Ray "
+                 "process, shared pages counted per process) over the idle cluster's and its growth per row between "
+                 "1x and 10x"),
     }
