@@ -129,7 +129,10 @@ def through(moto, monkeypatch):
 
 
 def test_storage_operations_survive_faults_and_return_exactly_what_was_stored(through, moto):
-    base = f"s3://{BUCKET}/ops-{time.monotonic_ns()}"
+    # A fixed path: the proxy's faults are a function of (seed, method, path, nth), so this test meets
+    # the same faults every run. With seed 7 this path puts every kind of fault on some blob's first
+    # PUT and on some blob's first GET (a path unique per run drew a fresh set: 3 % stalls, at times none).
+    base = f"s3://{BUCKET}/ops-26"
     blobs = {f"{base}/d/{i:03d}.bin": os.urandom(500 + 997 * i) for i in range(40)}
     for url, data in blobs.items():
         fsutil.write_bytes_atomic(url, data)
@@ -148,7 +151,7 @@ def test_storage_operations_survive_faults_and_return_exactly_what_was_stored(th
     assert fsutil.list_files(f"{base}/d", (".bin",)) == sorted(blobs)[10:]
     # the faults happened, of every kind, and were absorbed
     for outcome in FAULTS:
-        assert through.count(outcome) >= 1, (outcome, dict(through.outcomes))
+        assert through.count(outcome) >= 1, (outcome, sorted(through.outcomes.items()))
     assert not moto.filesystem().glob(f"{base.removeprefix('s3://')}/**/.tmp-*")  # no temporary object left
 
 
