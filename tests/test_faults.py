@@ -178,7 +178,9 @@ def reference(cluster, tiny_models, fault_sample, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("k", [1, 2, 4])
+# k: shards committed when the driver is killed. 1 and 4 (of 6) bound the middle, which
+# `make test-long` runs too (30 s each on 2 cores).
+@pytest.mark.parametrize("k", [1, pytest.param(2, marks=pytest.mark.long), 4])
 def test_driver_killed_with_shards_committed_and_not_then_resumed(cluster, tiny_models, fault_sample, reference,
                                                                   tmp_path, k):
     c, env = cluster
@@ -265,7 +267,7 @@ def gen_reference(cluster, tiny_models, tmp_path_factory):
     return prompts, d / "ref"
 
 
-@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("k", [1, pytest.param(2, marks=pytest.mark.long)])  # 2: in `make test-long`
 def test_generate_killed_then_resumed_gives_the_same_images(cluster, tiny_models, gen_reference, tmp_path, k):
     c, env = cluster
     prompts, ref = gen_reference
