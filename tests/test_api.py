@@ -27,11 +27,17 @@ def test_import_is_light_and_lists_the_jobs():
     assert issubclass(shardsmith.ConfigError, shardsmith.ShardsmithError)
 
 
-def _cli_error(*args, cwd):
-    r = subprocess.run([sys.executable, "-m", "shardsmith", *map(str, args)], capture_output=True, text=True,
-                       cwd=cwd, env={**os.environ, "PYTHONPATH": ROOT, "RAY_ADDRESS": ""}, timeout=180)
-    assert r.returncode == 2, r.stderr
-    return r.stderr.strip().split(": error: ", 1)[1]
+def _cli_errors(cases: list[list], cwd) -> list[str]:
+    """Each command's one-line error (exit 2), the commands run at once (each is a new process)."""
+    procs = [subprocess.Popen([sys.executable, "-m", "shardsmith", *map(str, args)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, cwd=cwd,
+                              env={**os.environ, "PYTHONPATH": ROOT, "RAY_ADDRESS": ""}) for args in cases]
+    errors = []
+    for proc in procs:
+        _, err = proc.communicate(timeout=180)
+        assert proc.returncode == 2, err
+        errors.append(err.strip().split(": error: ", 1)[1])
+    return errors
 
 
 def test_same_errors_as_the_cli(tmp_path):
@@ -54,13 +60,14 @@ def test_same_errors_as_the_cli(tmp_path):
         (lambda: shardsmith.report(str(tmp_path / "none")), shardsmith.ShardsmithError,
          ["report", tmp_path / "none"]),
     ]
-    for call, kind, cli_args in cases:
+    from shardsmith.errors import one_line
+
+    cli = _cli_errors([args for _, _, args in cases], cwd=tmp_path)
+    for (call, kind, cli_args), cli_error in zip(cases, cli):
         with pytest.raises(kind) as e:
             call()
-        from shardsmith.errors import one_line
-
         # the same message; a config file is named as the caller gave it (--config FILE / config=FILE)
-        assert one_line(e.value) == _cli_error(*cli_args, cwd=tmp_path).replace("--config ", "config "), cli_args
+        assert one_line(e.value) == cli_error.replace("--config ", "config "), cli_args
 
 
 def test_config_object_mapping_file_and_keywords(tmp_path):
