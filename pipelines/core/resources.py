@@ -159,10 +159,15 @@ def actor_pool(num_actors: int, initial_size: int | None = None, max_tasks_in_fl
     executor thread against 1.34-1.46 s on the main thread, the same as a direct loop (1.30-1.45 s;
     a py-spy dump showed the executor thread busy and the main thread waiting on its future).
     ``enable_true_multi_threading`` turns the wrapper off; with Ray's default ``max_concurrency`` of
-    1 the actor still runs one call at a time."""
+    1 the actor still runs one call at a time.
+
+    ``initial_size``: the pool starts that large and never shrinks below it while inputs remain.
+    Ray Data's autoscaler otherwise scales a pool down to ``min_size`` when its actors look
+    under-used or over the operator's resource budget; on the 2-node scale-out bench a pool of
+    two (one actor per node) ran with one actor doing every batch in three runs of three."""
     from ray.data import ActorPoolStrategy
 
-    return ActorPoolStrategy(min_size=1, max_size=num_actors, initial_size=initial_size,
+    return ActorPoolStrategy(min_size=initial_size or 1, max_size=num_actors, initial_size=initial_size,
                              max_tasks_in_flight_per_actor=max_tasks_in_flight_per_actor,
                              enable_true_multi_threading=True)
 
