@@ -42,12 +42,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # Sized so that the whole run takes ~20 minutes on 2 cores, and each 10x curate run is long enough
 # (~1 minute at bf16) for its fixed costs (actor start and model load, ~6 s) to be a few percent.
 SIZES = {
-    "default": {"shards": 10, "per_shard": 192, "meta_files": 4, "meta_rows": 1_000_000, "gen_images": 40,
-                "gen_direct": 6, "gen_compile_images": 6, "gen_steps": 12, "gen_size": 256, "scaleout_shards": 4,
+    "default": {"shards": 10, "per_shard": 192, "meta_files": 4, "meta_rows": 1_000_000, "gen_images": 80,
+                "gen_direct": 10, "gen_compile_images": 6, "gen_steps": 12, "gen_size": 256, "scaleout_shards": 4,
                 "fast_images": 64, "dedup_rows": 50_000, "dedup_dim": 64, "dedup_rate_rows": 100_000,
                 "dedup_rate_dim": 768},
     "quick": {"shards": 2, "per_shard": 64, "meta_files": 2, "meta_rows": 100_000, "gen_images": 4,
-              "gen_direct": 2, "gen_compile_images": 2, "gen_steps": 2, "gen_size": 64, "scaleout_shards": 2,
+              "gen_direct": 1, "gen_compile_images": 2, "gen_steps": 2, "gen_size": 64, "scaleout_shards": 2,
               "fast_images": 64, "dedup_rows": 2_000, "dedup_dim": 32, "dedup_rate_rows": 4_000,
               "dedup_rate_dim": 64},
 }
