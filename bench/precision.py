@@ -41,7 +41,7 @@ def _flips(a: dict, b: dict, rules: list[str]) -> float:
 def run(info: dict, heads: dict, images: int, batch: int) -> dict:
     import torch
 
-    from shardsmith.filters.clip import ClipSpec
+    from shardsmith.filters.clip import ClipSpec, compiled_tower
     from shardsmith.filters.presets import preset_rules
     from shardsmith.filters.scorer import Scorer, ScorerSpec
     from shardsmith.filters.scores import BUILTIN, HeadSpec
@@ -117,7 +117,7 @@ def run(info: dict, heads: dict, images: int, batch: int) -> dict:
 
     # compile: the bf16 image tower at the fixed forward size
     eager = forward_rate(lambda: bf16.model.encode_image(xb))
-    compiled_fn = torch.compile(bf16.model.encode_image, dynamic=False)
+    compiled_fn = compiled_tower(bf16.model.encode_image)  # what curate --compile runs
     t0 = time.perf_counter()
     with torch.inference_mode():
         compiled_fn(xb)

@@ -131,6 +131,24 @@ class PixelTransform:
         return arr
 
 
+def compiled_tower(fn):
+    """``fn`` through ``torch.compile`` (static shapes) with inductor's ``freezing``: the weights
+    become constants of the graph, so the CPU's linear layers run on weights packed once for
+    oneDNN instead of at every call. Measured on this project's CPU (open_clip ViT-B-32 bf16 image
+    tower, batch 64, 2 threads): 1.14-1.21x eager with freezing, 0.98-1.06x without it. The
+    setting is applied to this function's compiles only (a patch around each call), not to other
+    compiles in the process (generate's UNet)."""
+    import torch._inductor.config as inductor_config
+
+    compiled = torch.compile(fn, dynamic=False)
+
+    def run(*args, **kwargs):
+        with inductor_config.patch(freezing=True):
+            return compiled(*args, **kwargs)
+
+    return run
+
+
 @contextmanager
 def _on_device(device: torch.device):
     """Create the model directly on ``device`` when it is ``meta``: no memory, no random init,
@@ -154,7 +172,7 @@ class ClipEmbedder:
     project's CPU it ran the image tower 3.3-3.7x faster than fp32, ``torch.autocast`` 1.4-2.1x
     (autocast re-casts every weight at every forward; bench/precision.py). The embeddings come out in fp32, L2-normalised, so the heads and the
     similarity always run in fp32. ``compile``: the image tower through ``torch.compile`` (static
-    shapes: forwards have a fixed batch size). ``device="meta"`` builds the model without weights
+    shapes: forwards have a fixed batch size; frozen weights: ``compiled_tower``). ``device="meta"`` builds the model without weights
     in memory (see ``_on_device``): the preprocessing, sizes and tokenizer are real, the forwards
     are not.
 
@@ -183,7 +201,7 @@ class ClipEmbedder:
         self.model = model.eval()
         self._encode_image = self.model.encode_image
         if compile and self.device.type != "meta":
-            self._encode_image = torch.compile(self.model.encode_image, dynamic=False)
+            self._encode_image = compiled_tower(self.model.encode_image)
         self.preprocess = preprocess
         self.tokenizer = open_clip.get_tokenizer(name)
         pil_steps, tensor_steps = split_preprocess(preprocess)

@@ -79,3 +79,31 @@ def test_auto_resolves_by_device():
     assert resolve_precision("auto", "cuda:0") == "fp16"
     assert resolve_precision("fp32", "cuda") == "fp32"
     assert resolve_precision("auto", "cpu") in ("bf16", "fp32")
+
+
+def test_compiled_image_tower_matches_eager_on_frozen_weights(tiny_models):
+    """``--compile``: the image tower through torch.compile with inductor's freezing. Its
+    embeddings equal eager's within bf16's noise; the weights are folded into the graph (changing
+    them afterwards changes eager's embeddings, not the compiled ones); and the freezing setting
+    does not leak into the process's other compiles."""
+    import torch
+    import torch._inductor.config as inductor_config
+
+    from shardsmith.filters.clip import ClipEmbedder, ClipSpec
+
+    spec = ClipSpec(tiny_models["clip_model"], tiny_models["clip_pretrained"])
+    compiled = ClipEmbedder(spec, precision="bf16", compile=True)
+    eager = ClipEmbedder(spec, precision="bf16")
+    pixels = np.random.default_rng(0).integers(0, 256, (4, *compiled.image_size, 3), dtype=np.uint8)
+    got, want = compiled.embed_pixels(pixels), eager.embed_pixels(pixels)
+    assert float((got * want).sum(axis=1).min()) > 0.999
+    assert inductor_config.freezing is False
+    with torch.no_grad():
+        proj = compiled.model.visual.proj
+        proj.add_(torch.randn(proj.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float32)
+                  .to(proj.dtype))
+    assert np.array_equal(compiled.embed_pixels(pixels), got)
+    with torch.inference_mode():
+        changed = torch.nn.functional.normalize(compiled.model.encode_image(
+            compiled.pixels_to_tensor(pixels).to(compiled.input_dtype)).float(), dim=-1).numpy()
+    assert not np.allclose(changed, got, atol=1e-3)  # the eager tower sees the new weights
