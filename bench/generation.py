@@ -63,8 +63,6 @@ def run(sd_dir: str, work: str, images: int, direct_images: int, steps: int, siz
         say(f"  direct diffusers loop: {len(chunk)} images in {s:.1f} s = {len(chunk) / s:.3f} images/s")
         return len(chunk) / s
 
-    gen_seconds: list[float] = []
-
     def generate(dtype: str = "bfloat16") -> float:
         out = os.path.join(work, "gen-out")
         shutil.rmtree(out, ignore_errors=True)
@@ -77,7 +75,6 @@ def run(sd_dir: str, work: str, images: int, direct_images: int, steps: int, siz
         s = time.perf_counter() - t0
         assert stats["generated"] == images, stats
         shutil.rmtree(out, ignore_errors=True)
-        gen_seconds.append(s)
         say(f"  generate ({dtype}): {images} images in {s:.1f} s = {images / s:.3f} images/s")
         return images / s
 
@@ -96,8 +93,7 @@ def run(sd_dir: str, work: str, images: int, direct_images: int, steps: int, siz
     speedup = paired_ratios(bf16, fp32)
     # what generate spends beyond the direct loop's time for the same images: actor start (a new
     # process importing torch and diffusers) and the pipeline load, once per run
-    overhead = median([gen_seconds[0] - images / ((d[0] + d[1]) / 2),
-                       gen_seconds[2] - images / ((d[1] + d[2]) / 2)])
+    overhead = median([images / r - images / ((d[i] + d[i + 1]) / 2) for i, r in enumerate(g)])
     return {"generation_efficiency": figure(
         median(ratios), 0.90, ratios=rnd(ratios, 4), generate_images_per_s=rnd(g, 4),
         direct_diffusers_images_per_s=rnd(d, 4), images=images, direct_images_per_measurement=direct_images,

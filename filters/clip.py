@@ -172,9 +172,9 @@ class ClipEmbedder:
     project's CPU it ran the image tower 3.3-3.7x faster than fp32, ``torch.autocast`` 1.4-2.1x
     (autocast re-casts every weight at every forward; bench/precision.py). The embeddings come out in fp32, L2-normalised, so the heads and the
     similarity always run in fp32. ``compile``: the image tower through ``torch.compile`` (static
-    shapes: forwards have a fixed batch size; frozen weights: ``compiled_tower``). ``device="meta"`` builds the model without weights
-    in memory (see ``_on_device``): the preprocessing, sizes and tokenizer are real, the forwards
-    are not.
+    shapes: forwards have a fixed batch size; frozen weights: ``compiled_tower``).
+    ``device="meta"`` builds the model without weights in memory (see ``_on_device``): the
+    preprocessing, sizes and tokenizer are real, the forwards are not.
 
     Captions are encoded on their own tokens, not on the 77 of the context (``embed_texts``): in a
     causal text tower the token open_clip pools sees only the tokens before it, so the padding

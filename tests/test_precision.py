@@ -100,8 +100,7 @@ def test_compiled_image_tower_matches_eager_on_frozen_weights(tiny_models):
     assert inductor_config.freezing is False
     with torch.no_grad():
         proj = compiled.model.visual.proj
-        proj.add_(torch.randn(proj.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float32)
-                  .to(proj.dtype))
+        proj.add_(torch.randn(proj.shape, generator=torch.Generator().manual_seed(1)).to(proj.dtype))
     assert np.array_equal(compiled.embed_pixels(pixels), got)
     with torch.inference_mode():
         changed = torch.nn.functional.normalize(compiled.model.encode_image(
